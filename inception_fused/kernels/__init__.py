@@ -1,0 +1,1 @@
+"""Triton kernel families, one file each with its launcher."""

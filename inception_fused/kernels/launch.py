@@ -1,0 +1,58 @@
+"""Launch settings shared by the kernel families: tile sizes, dot precision, accumulator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    use_dot: bool = True
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _pow2(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
+
+
+def tile_config(dtype: torch.dtype, m: int, n_cols: int, k: int, on_gpu: bool) -> TileConfig:
+    """Tile sizes for an [m, k] @ [k, n_cols] conv GEMM.
+
+    The interpreter pays ~ms per program and loop step, so it gets the biggest tiles the
+    problem can fill. On the GPU tl.dot needs every tile dimension >= 16.
+    """
+    use_dot = dtype != torch.float64
+    if not on_gpu:
+        # Without tl.dot the [M, K, N] product is materialised: keep it under Triton's
+        # 2**20-element cap by thinning K.
+        block_k = _pow2(k, 16, 128) if use_dot else 16
+        return TileConfig(_pow2(m, 16, 256), _pow2(n_cols, 16, 128), block_k, use_dot=use_dot)
+    if not use_dot:  # fp64: broadcast multiply-and-sum keeps [M, K, N] in registers
+        return TileConfig(32, 32, 8, num_stages=1, use_dot=False)
+    block_m = 64 if m <= 8192 else 128
+    block_k = 32 if dtype == torch.float32 else 64
+    return TileConfig(block_m, 64, block_k)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 tl.dot uses TF32 only where torch would let cuDNN's convs use it."""
+    if dtype == torch.float32 and not interpreting() and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def acc_dtype(dtype: torch.dtype) -> tl.dtype:
+    return tl.float64 if dtype == torch.float64 else tl.float32

@@ -1,0 +1,94 @@
+"""Launch A: everything that reads x, in one grid.
+
+Two kinds of tile share the grid's column axis:
+
+* stem tiles: x @ [W_1x1 | W_red3 | W_red5] + bias, ReLU. Branch-1 columns land in their slice
+  of the module output; the reduce columns land in a small scratch matrix for launch B.
+* pool tiles: max-pool 3x3/s1/p1 taken while x is loaded, @ W_pool + bias, ReLU, into the
+  pool branch's slice. The pooled tensor is never written.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .conv_tile import conv_tile, store_bias_relu, tile_pixels
+from .launch import TileConfig, acc_dtype, input_precision
+
+
+@triton.jit
+def inception_pointwise_kernel(
+    x_ptr, stride_xn, stride_xc, stride_xh, stride_xw,
+    stem_w_ptr, stem_b_ptr, pool_w_ptr, pool_b_ptr,
+    out_ptr, scratch_ptr,
+    M, H, W, C_in,
+    C1, C_RED, C_POOL,  # branch-1 width, reduce width (r3 + r5), pool-projection width
+    C_OUT, POOL_COL,  # output row stride and the pool slice's first channel
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows, n, oh, ow, row_ok = tile_pixels(pid_m, M, H, W, BLOCK_M)
+    stem_tiles = tl.cdiv(C1 + C_RED, BLOCK_N)
+    if pid_n < stem_tiles:
+        n_cols = C1 + C_RED
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_cols
+        acc = conv_tile(
+            x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, n, oh, ow, row_ok, H, W, C_in,
+            stem_w_ptr, cols, col_ok, n_cols, 1, False,
+            BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, INPUT_PRECISION, ACC_DTYPE,
+        )
+        # Columns [0, C1) are branch 1's output; [C1, C1 + C_RED) feed launch B.
+        to_out = cols < C1
+        store_bias_relu(acc, stem_b_ptr, cols, col_ok & to_out, out_ptr, C_OUT, rows, row_ok)
+        store_bias_relu(
+            acc, stem_b_ptr, cols, col_ok & ~to_out, scratch_ptr - C1, C_RED, rows, row_ok
+        )
+    else:
+        cols = (pid_n - stem_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < C_POOL
+        acc = conv_tile(
+            x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, n, oh, ow, row_ok, H, W, C_in,
+            pool_w_ptr, cols, col_ok, C_POOL, 1, True,
+            BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, INPUT_PRECISION, ACC_DTYPE,
+        )
+        store_bias_relu(
+            acc, pool_b_ptr, cols, col_ok, out_ptr + POOL_COL, C_OUT, rows, row_ok
+        )
+
+
+def launch_pointwise(
+    x: torch.Tensor,
+    stem_w: torch.Tensor,
+    stem_b: torch.Tensor,
+    pool_w: torch.Tensor,
+    pool_b: torch.Tensor,
+    out: torch.Tensor,
+    scratch: torch.Tensor,
+    c1: int,
+    cfg: TileConfig,
+) -> None:
+    """Fill out[..., :c1], out[..., -pool:] and scratch from x (any strides, NCHW logical)."""
+    n, c_in, h, w = x.shape
+    m = n * h * w
+    c_red = scratch.shape[1]
+    c_pool = pool_w.shape[1]
+    c_out = out.shape[1]
+    grid = (
+        triton.cdiv(m, cfg.block_m),
+        triton.cdiv(c1 + c_red, cfg.block_n) + triton.cdiv(c_pool, cfg.block_n),
+    )
+    inception_pointwise_kernel[grid](
+        x, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        stem_w, stem_b, pool_w, pool_b,
+        out, scratch,
+        m, h, w, c_in,
+        c1, c_red, c_pool,
+        c_out, c_out - c_pool,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        USE_DOT=cfg.use_dot, INPUT_PRECISION=input_precision(x.dtype),
+        ACC_DTYPE=acc_dtype(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )

@@ -1,0 +1,77 @@
+"""Launch B: the 3x3 and "5x5" convs of branches 2 and 3, in one grid, over the scratch.
+
+Tiles of both branches share the grid's column axis; each tile picks its branch's input
+columns, kernel size, weights and output slice, then runs the same implicit-GEMM conv tile.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .conv_tile import conv_tile, store_bias_relu, tile_pixels
+from .launch import TileConfig, acc_dtype, input_precision
+
+
+@triton.jit
+def inception_spatial_kernel(
+    red_ptr,  # scratch [M, R3 + R5]: the two reduce outputs side by side
+    w3_ptr, b3_ptr, w5_ptr, b5_ptr,
+    out_ptr,
+    M, H, W,
+    R3, R5, C3, C5, K3, K5,
+    C_OUT, COL3,  # output row stride and branch 2's first output channel
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows, n, oh, ow, row_ok = tile_pixels(pid_m, M, H, W, BLOCK_M)
+    tiles3 = tl.cdiv(C3, BLOCK_N)
+    if pid_n < tiles3:
+        in_ptr, c_in, ks = red_ptr, R3, K3
+        w_ptr, b_ptr, n_cols, col0 = w3_ptr, b3_ptr, C3, COL3
+        tile_n = pid_n
+    else:
+        in_ptr, c_in, ks = red_ptr + R3, R5, K5
+        w_ptr, b_ptr, n_cols, col0 = w5_ptr, b5_ptr, C5, COL3 + C3
+        tile_n = pid_n - tiles3
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    c_red = R3 + R5
+    acc = conv_tile(
+        in_ptr, H * W * c_red, 1, W * c_red, c_red, n, oh, ow, row_ok, H, W, c_in,
+        w_ptr, cols, col_ok, n_cols, ks, False,
+        BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, INPUT_PRECISION, ACC_DTYPE,
+    )
+    store_bias_relu(acc, b_ptr, cols, col_ok, out_ptr + col0, C_OUT, rows, row_ok)
+
+
+def launch_spatial(
+    reduced: torch.Tensor,
+    w3: torch.Tensor,
+    b3: torch.Tensor,
+    w5: torch.Tensor,
+    b5: torch.Tensor,
+    out: torch.Tensor,
+    r3: int,
+    k3: int,
+    k5: int,
+    col3: int,
+    cfg: TileConfig,
+) -> None:
+    """Fill out[..., col3 : col3 + c3 + c5] from the reduce scratch [N*H*W, r3 + r5]."""
+    n, c_out, h, w = out.shape
+    m = n * h * w
+    r5 = reduced.shape[1] - r3
+    c3, c5 = w3.shape[1], w5.shape[1]
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(c3, cfg.block_n) + triton.cdiv(c5, cfg.block_n))
+    inception_spatial_kernel[grid](
+        reduced, w3, b3, w5, b5, out,
+        m, h, w,
+        r3, r5, c3, c5, k3, k5,
+        c_out, col3,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        USE_DOT=cfg.use_dot, INPUT_PRECISION=input_precision(out.dtype),
+        ACC_DTYPE=acc_dtype(out.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )

@@ -1,0 +1,150 @@
+"""FusedInceptionModule: the drop-in nn.Module, its BN-folding cache and backend dispatch."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .folding import FoldedInception, fold_inception
+from .kernels.launch import interpreting
+from .ops import inception_eval_forward
+from .reference import InceptionModule
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def _default_backend() -> str:
+    return os.environ.get("INCEPTION_FUSED_BACKEND", "auto")
+
+
+class FusedInceptionModule(InceptionModule):
+    """Inception block computed by fused Triton kernels; same parameters as the reference.
+
+    Constructor, parameter names and state-dict keys are :class:`InceptionModule`'s. Eval
+    mode runs two kernel launches over BN-folded weights (folded once, cached, and refolded
+    when any parameter or buffer changes). Train mode, and any call that needs gradients,
+    currently computes with the reference PyTorch math, so its values are always right.
+
+    ``backend``: ``"auto"`` (Triton for CUDA tensors and, when ``TRITON_INTERPRET=1``, for
+    CPU tensors through the interpreter), ``"triton"`` (insist on Triton), or
+    ``"reference"`` (plain PyTorch). The ``INCEPTION_FUSED_BACKEND`` environment variable
+    sets the default.
+    """
+
+    def __init__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = backend or _default_backend()
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        self._fold_cache: tuple[tuple, FoldedInception] | None = None
+
+    @classmethod
+    def from_module(
+        cls, module: nn.Module, *, share_parameters: bool = False, backend: str | None = None
+    ) -> FusedInceptionModule:
+        """Build from our :class:`InceptionModule` or torchvision's ``Inception``.
+
+        The conv and BN submodules are copied (or, with ``share_parameters=True``, reused:
+        same Parameter objects, as when swapping blocks inside a model). Device, dtype,
+        BN eps/momentum and train/eval mode carry over.
+        """
+        blocks = _conv_blocks(module)
+        convs = [b.conv for b in blocks]
+        c_in = convs[0].in_channels
+        sizes = [c.out_channels for c in convs]  # c1, r3, c3, r5, c5, pool
+        batch_norm = getattr(blocks[0], "bn", None) is not None
+        with torch.device("meta"):  # skeleton only: its tensors are replaced below
+            fused = cls(
+                c_in, *sizes, branch3_kernel=convs[4].kernel_size[0],
+                batch_norm=batch_norm, backend=backend,
+            )
+        take = (lambda m: m) if share_parameters else copy.deepcopy
+        for ours, theirs in zip(_conv_blocks(fused), blocks, strict=True):
+            ours.conv = take(theirs.conv)
+            ours.bn = take(theirs.bn) if batch_norm else None
+        return fused.train(module.training)
+
+    def folded(self, dtype: torch.dtype) -> FoldedInception:
+        """BN-folded, kernel-packed weights for ``dtype``, refolded only when stale.
+
+        The key holds every parameter's and buffer's storage address and version counter, so
+        in-place edits, optimizer steps, ``load_state_dict`` and ``.to()`` all invalidate it.
+        """
+        key = (dtype,) + tuple(
+            (t.data_ptr(), t._version, t.dtype, t.device)
+            for t in (*self.parameters(), *self.buffers())
+        )
+        if self._fold_cache is None or self._fold_cache[0] != key:
+            with torch.no_grad():
+                self._fold_cache = (key, fold_inception(self, dtype))
+        return self._fold_cache[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_fold_cache"] = None  # never pickle derived weights: they would go stale
+        return state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        backend = self._resolve_backend(x)
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        if backend == "reference" or self.training or needs_grad or not self._has_running_stats():
+            return super().forward(x)
+        return inception_eval_forward(x, self.folded(x.dtype))
+
+    def _has_running_stats(self) -> bool:
+        return all(b.bn is None or b.bn.running_mean is not None for b in _conv_blocks(self))
+
+    def _resolve_backend(self, x: torch.Tensor) -> str:
+        if self.backend == "reference":
+            return "reference"
+        if x.is_cuda or interpreting():
+            if not x.is_cuda and x.dtype not in (torch.float32, torch.float64):
+                raise TypeError(
+                    f"the Triton interpreter on CPU runs float32 and float64, got {x.dtype}"
+                )
+            return "triton"
+        if self.backend == "triton":
+            raise RuntimeError(
+                f"backend='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before "
+                f"importing inception_fused to interpret the kernels on CPU; got a tensor on "
+                f"{x.device}"
+            )
+        return "reference"
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point input, got dtype {x.dtype}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected {self.in_channels} input channels, got {x.shape[1]} "
+                f"(input shape {tuple(x.shape)})"
+            )
+        weight = self.branch1.conv.weight
+        if x.device != weight.device:
+            raise ValueError(
+                f"input is on {x.device} but the module's parameters are on {weight.device}"
+            )
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"input dtype {x.dtype} does not match the module's parameter dtype "
+                f"{weight.dtype}; convert one of them or use torch.autocast"
+            )
+
+
+def _conv_blocks(module: nn.Module) -> list[nn.Module]:
+    """The six conv blocks in kernel order: 1x1, red3, 3x3, red5, 5x5, pool projection."""
+    return [
+        module.branch1, module.branch2[0], module.branch2[1],
+        module.branch3[0], module.branch3[1], module.branch4[1],
+    ]

@@ -1,0 +1,64 @@
+"""Shared test setup: device choice, dtype-keyed tolerances, model helpers.
+
+Without a GPU every Triton kernel runs through the interpreter (TRITON_INTERPRET=1, set here
+before any kernel module is imported); with one, the same tests compile the kernels.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+
+from inception_fused import InceptionModule
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+
+# (atol, rtol) for fused vs reference, keyed by dtype: the one place tolerances live.
+# fp32 on the GPU may run TF32 (10-bit mantissa) when torch's cudnn.allow_tf32 allows it.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (2e-2, 1e-2) if ON_GPU and torch.backends.cudnn.allow_tf32 else (1e-4, 1e-4),
+    torch.float16: (2e-2, 1e-2),
+    torch.bfloat16: (1e-1, 5e-2),
+}
+
+# Float dtypes the fused path serves on this device.
+DTYPES = (
+    [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    if ON_GPU
+    else [torch.float32, torch.float64]
+)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None) -> None:
+    atol, rtol = TOLERANCES[dtype or expected.dtype]
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+def randomize_bn(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every BatchNorm non-trivial affine parameters and running statistics."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                shape = m.num_features
+                m.weight.copy_(torch.rand(shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(shape, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(shape, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(shape, generator=g) + 0.5)
+    return module
+
+
+def make_reference(*channels: int, seed: int = 0, **kwargs) -> InceptionModule:
+    torch.manual_seed(seed)
+    return randomize_bn(InceptionModule(*channels, **kwargs), seed)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE

@@ -1,0 +1,97 @@
+"""Eval-mode parity of the fused Triton forward with the plain PyTorch reference."""
+
+import pytest
+import torch
+from conftest import DEVICE, DTYPES, ON_GPU, assert_close, make_reference
+
+from inception_fused import FusedInceptionModule
+from inception_fused.configs import GOOGLENET_CONFIGS
+
+# Real feature-map sizes on the GPU; small ones through the interpreter.
+BATCH = 4 if ON_GPU else 2
+
+
+def fused_and_reference(channels, dtype=torch.float32, **kwargs):
+    ref = make_reference(*channels, **kwargs).to(DEVICE, dtype).eval()
+    return FusedInceptionModule.from_module(ref).eval(), ref
+
+
+def run_both(fused, ref, x):
+    with torch.no_grad():
+        return fused(x), ref(x)
+
+
+@pytest.mark.parametrize("batch_norm", [True, False], ids=["bn", "bias"])
+@pytest.mark.parametrize("branch3_kernel", [3, 5])
+@pytest.mark.parametrize("name", list(GOOGLENET_CONFIGS))
+def test_googlenet_configs(name, branch3_kernel, batch_norm):
+    cfg = GOOGLENET_CONFIGS[name]
+    fused, ref = fused_and_reference(
+        cfg.channels, branch3_kernel=branch3_kernel, batch_norm=batch_norm
+    )
+    side = cfg.spatial if ON_GPU else min(cfg.spatial, 7)
+    x = torch.randn(BATCH, cfg.in_channels, side, side, device=DEVICE)
+    out, expected = run_both(fused, ref, x)
+    assert out.shape == (BATCH, cfg.out_channels, side, side)
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dtypes(dtype):
+    fused, ref = fused_and_reference((64, 16, 24, 32, 8, 16, 16), dtype)
+    x = torch.randn(2, 64, 9, 9, device=DEVICE, dtype=dtype)
+    out, expected = run_both(fused, ref, x)
+    assert out.dtype == dtype
+    if dtype in (torch.float16, torch.bfloat16):  # compare against the fp32 computation
+        expected = ref.float()(x.float()).to(dtype)
+    assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 1, 1), (3, 5, 7), (2, 1, 9), (1, 13, 1), (2, 2, 3)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+@pytest.mark.parametrize("branch3_kernel", [3, 5])
+def test_odd_shapes(shape, branch3_kernel):
+    # Channel counts deliberately not multiples of 16: every mask path is exercised.
+    fused, ref = fused_and_reference((37, 5, 7, 11, 3, 9, 6), branch3_kernel=branch3_kernel)
+    n, h, w = shape
+    x = torch.randn(n, 37, h, w, device=DEVICE)
+    out, expected = run_both(fused, ref, x)
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced", "permuted"])
+def test_input_layouts(layout):
+    fused, ref = fused_and_reference((24, 8, 12, 16, 4, 8, 8))
+    x = torch.randn(2, 24, 12, 10, device=DEVICE)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":  # non-contiguous in W
+        x = torch.randn(2, 24, 12, 20, device=DEVICE)[..., ::2]
+    elif layout == "permuted":  # memory order N, W, H, C
+        x = torch.randn(2, 10, 12, 24, device=DEVICE).permute(0, 3, 2, 1)
+    out, expected = run_both(fused, ref, x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, expected)
+
+
+def test_empty_batch():
+    fused, _ = fused_and_reference((16, 4, 4, 8, 4, 8, 4))
+    with torch.no_grad():
+        out = fused(torch.randn(0, 16, 5, 5, device=DEVICE))
+    assert out.shape == (0, 24, 5, 5)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs > 2**31 elements on the GPU")
+def test_64bit_offsets():
+    # N*H*W*C_out passes 2**31: the last images live beyond 32-bit element offsets.
+    fused, ref = fused_and_reference((192, 64, 96, 128, 16, 32, 32), torch.float16)
+    n = 11_000
+    x = torch.randn(n, 192, 28, 28, device=DEVICE, dtype=torch.float16)
+    assert n * 28 * 28 * 256 > 2**31
+    with torch.no_grad():
+        out = fused(x)
+        tail = ref.float()(x[-3:].float()).half()
+    assert_close(out[-3:], tail, torch.float16)
