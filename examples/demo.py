@@ -35,9 +35,15 @@ def main() -> None:
     device = "cuda" if ON_GPU else "cpu"
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     batch = 32 if ON_GPU else 2
-    where = torch.cuda.get_device_name() if ON_GPU else "CPU, Triton interpreter, small inputs"
+    where = (
+        torch.cuda.get_device_name()
+        if ON_GPU
+        else "CPU, Triton interpreter, small inputs"
+    )
     print(f"inception_fused demo on {where}; dtype {dtype}, batch {batch}")
-    print(f"{'config':>6} {'shape':>16} {'max|diff|':>10} {'eager ms':>9} {'fused ms':>9}")
+    print(
+        f"{'config':>6} {'shape':>16} {'max|diff|':>10} {'eager ms':>9} {'fused ms':>9}"
+    )
     for name, cfg in GOOGLENET_CONFIGS.items():
         torch.manual_seed(0)
         ref = InceptionModule(*cfg.channels).to(device, dtype).eval()

@@ -31,7 +31,9 @@ class FoldedInception:
     k5: int
 
 
-def fold_conv_block(block: ConvBlock, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_conv_block(
+    block: ConvBlock, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight [KS*KS*C_in, C_out] in ``dtype``, bias [C_out] in the accumulator dtype)."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     w = block.conv.weight.detach().to(acc)

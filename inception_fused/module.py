@@ -44,7 +44,11 @@ class FusedInceptionModule(InceptionModule):
 
     @classmethod
     def from_module(
-        cls, module: nn.Module, *, share_parameters: bool = False, backend: str | None = None
+        cls,
+        module: nn.Module,
+        *,
+        share_parameters: bool = False,
+        backend: str | None = None,
     ) -> FusedInceptionModule:
         """Build from our :class:`InceptionModule` or torchvision's ``Inception``.
 
@@ -59,8 +63,11 @@ class FusedInceptionModule(InceptionModule):
         batch_norm = getattr(blocks[0], "bn", None) is not None
         with torch.device("meta"):  # skeleton only: its tensors are replaced below
             fused = cls(
-                c_in, *sizes, branch3_kernel=convs[4].kernel_size[0],
-                batch_norm=batch_norm, backend=backend,
+                c_in,
+                *sizes,
+                branch3_kernel=convs[4].kernel_size[0],
+                batch_norm=batch_norm,
+                backend=backend,
             )
         take = (lambda m: m) if share_parameters else copy.deepcopy
         for ours, theirs in zip(_conv_blocks(fused), blocks, strict=True):
@@ -94,12 +101,19 @@ class FusedInceptionModule(InceptionModule):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
-        if backend == "reference" or self.training or needs_grad or not self._has_running_stats():
+        if (
+            backend == "reference"
+            or self.training
+            or needs_grad
+            or not self._has_running_stats()
+        ):
             return super().forward(x)
         return inception_eval_forward(x, self.folded(x.dtype))
 
     def _has_running_stats(self) -> bool:
-        return all(b.bn is None or b.bn.running_mean is not None for b in _conv_blocks(self))
+        return all(
+            b.bn is None or b.bn.running_mean is not None for b in _conv_blocks(self)
+        )
 
     def _resolve_backend(self, x: torch.Tensor) -> str:
         if self.backend == "reference":
@@ -122,7 +136,9 @@ class FusedInceptionModule(InceptionModule):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
         if x.dim() != 4:
-            raise ValueError(f"expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}"
+            )
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point input, got dtype {x.dtype}")
         if x.shape[1] != self.in_channels:
@@ -145,6 +161,10 @@ class FusedInceptionModule(InceptionModule):
 def _conv_blocks(module: nn.Module) -> list[nn.Module]:
     """The six conv blocks in kernel order: 1x1, red3, 3x3, red5, 5x5, pool projection."""
     return [
-        module.branch1, module.branch2[0], module.branch2[1],
-        module.branch3[0], module.branch3[1], module.branch4[1],
+        module.branch1,
+        module.branch2[0],
+        module.branch2[1],
+        module.branch3[0],
+        module.branch3[1],
+        module.branch4[1],
     ]

@@ -23,11 +23,19 @@ class ConvBlock(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, batch_norm: bool = True
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        batch_norm: bool = True,
     ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=not batch_norm
+            in_channels,
+            out_channels,
+            kernel_size,
+            padding=kernel_size // 2,
+            bias=not batch_norm,
         )
         self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPS) if batch_norm else None
 
@@ -66,7 +74,9 @@ class InceptionModule(nn.Module):
         if any(int(c) != c or c <= 0 for c in sizes):
             raise ValueError(f"channel counts must be positive integers, got {sizes}")
         if branch3_kernel <= 0 or branch3_kernel % 2 == 0:
-            raise ValueError(f"branch3_kernel must be a positive odd size, got {branch3_kernel}")
+            raise ValueError(
+                f"branch3_kernel must be a positive odd size, got {branch3_kernel}"
+            )
         self.in_channels = in_channels
         self.branch3_kernel = branch3_kernel
         self.batch_norm = batch_norm

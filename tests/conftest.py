@@ -22,7 +22,9 @@ ON_GPU = DEVICE.type == "cuda"
 # fp32 on the GPU may run TF32 (10-bit mantissa) when torch's cudnn.allow_tf32 allows it.
 TOLERANCES = {
     torch.float64: (1e-10, 1e-8),
-    torch.float32: (2e-2, 1e-2) if ON_GPU and torch.backends.cudnn.allow_tf32 else (1e-4, 1e-4),
+    torch.float32: (2e-2, 1e-2)
+    if ON_GPU and torch.backends.cudnn.allow_tf32
+    else (1e-4, 1e-4),
     torch.float16: (2e-2, 1e-2),
     torch.bfloat16: (1e-1, 5e-2),
 }

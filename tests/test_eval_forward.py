@@ -55,7 +55,9 @@ def test_dtypes(dtype):
 @pytest.mark.parametrize("branch3_kernel", [3, 5])
 def test_odd_shapes(shape, branch3_kernel):
     # Channel counts deliberately not multiples of 16: every mask path is exercised.
-    fused, ref = fused_and_reference((37, 5, 7, 11, 3, 9, 6), branch3_kernel=branch3_kernel)
+    fused, ref = fused_and_reference(
+        (37, 5, 7, 11, 3, 9, 6), branch3_kernel=branch3_kernel
+    )
     n, h, w = shape
     x = torch.randn(n, 37, h, w, device=DEVICE)
     out, expected = run_both(fused, ref, x)

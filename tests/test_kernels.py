@@ -24,7 +24,14 @@ def test_pointwise_writes_only_branch1_pool_and_scratch():
     ref, f, x, out = setup_case()
     scratch = torch.full((2 * 6 * 5, 8), float("nan"), device=DEVICE)
     launch_pointwise(
-        x, f.stem_w, f.stem_b, f.pool_w, f.pool_b, out, scratch, f.c1,
+        x,
+        f.stem_w,
+        f.stem_b,
+        f.pool_w,
+        f.pool_b,
+        out,
+        scratch,
+        f.c1,
         tile_config(torch.float32, 60, 16, 20, DEVICE.type == "cuda"),
     )
     with torch.no_grad():
@@ -41,7 +48,16 @@ def test_spatial_writes_only_branches_2_and_3():
         reduced = torch.cat([ref.branch2[0](x), ref.branch3[0](x)], 1)
     scratch = reduced.permute(0, 2, 3, 1).reshape(60, 8).contiguous()
     launch_spatial(
-        scratch, f.w3, f.b3, f.w5, f.b5, out, f.r3, f.k3, f.k5, f.c1,
+        scratch,
+        f.w3,
+        f.b3,
+        f.w5,
+        f.b5,
+        out,
+        f.r3,
+        f.k3,
+        f.k5,
+        f.c1,
         tile_config(torch.float32, 60, 10, 5, DEVICE.type == "cuda"),
     )
     with torch.no_grad():

@@ -55,7 +55,9 @@ def test_from_module_copies_unless_asked_to_share():
     assert shared.branch1.conv.weight is ref.branch1.conv.weight
 
 
-@pytest.mark.parametrize("edit", ["inplace_weight", "running_var", "load_state_dict", "to_double"])
+@pytest.mark.parametrize(
+    "edit", ["inplace_weight", "running_var", "load_state_dict", "to_double"]
+)
 def test_fold_cache_invalidation(edit):
     fused, ref = pair()
     x = torch.randn(2, 16, 6, 6, device=DEVICE)
@@ -113,7 +115,16 @@ def no_kernels(monkeypatch):
         (torch.randn(2, 16, 5, 5, device="meta"), ValueError, "is on meta"),
         ([[1.0]], TypeError, "torch.Tensor"),
     ],
-    ids=["channels", "rank3", "rank5", "int", "complex", "dtype_mix", "device_mix", "list"],
+    ids=[
+        "channels",
+        "rank3",
+        "rank5",
+        "int",
+        "complex",
+        "dtype_mix",
+        "device_mix",
+        "list",
+    ],
 )
 def test_bad_input_raises_before_any_kernel(no_kernels, x, error, message):
     fused, _ = pair()
@@ -123,7 +134,9 @@ def test_bad_input_raises_before_any_kernel(no_kernels, x, error, message):
         fused_out(fused, x)
 
 
-@pytest.mark.parametrize("args, kwargs", [((0, 1, 1, 1, 1, 1, 1), {}), (CHANNELS, {"branch3_kernel": 4})])
+@pytest.mark.parametrize(
+    "args, kwargs", [((0, 1, 1, 1, 1, 1, 1), {}), (CHANNELS, {"branch3_kernel": 4})]
+)
 def test_bad_constructor_arguments(args, kwargs):
     with pytest.raises(ValueError):
         FusedInceptionModule(*args, **kwargs)

@@ -12,14 +12,27 @@ import triton.language as tl
 
 @triton.jit
 def conv_tile(
-    x_ptr, stride_xn, stride_xc, stride_xh, stride_xw,  # input, element strides
-    n, oh, ow, row_ok,  # [BLOCK_M] output pixel coordinates of this tile and their mask
-    H, W, C_in,
-    w_ptr, cols, col_ok,  # packed weight [KS*KS*C_in, n_cols] with row stride n_cols
+    x_ptr,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,  # input, element strides
+    n,
+    oh,
+    ow,
+    row_ok,  # [BLOCK_M] output pixel coordinates of this tile and their mask
+    H,
+    W,
+    C_in,
+    w_ptr,
+    cols,
+    col_ok,  # packed weight [KS*KS*C_in, n_cols] with row stride n_cols
     n_cols,
     KS,  # odd kernel size, 'same' padding; a runtime value so one grid serves 3x3 and 5x5
     POOL: tl.constexpr,  # take the 3x3/s1/p1 max of the input while loading it
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr,  # False for float64: tl.dot has no fp64
     INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 tl.dot
     ACC_DTYPE: tl.constexpr,
@@ -45,7 +58,11 @@ def conv_tile(
                         ph = oh + (dh - 1)
                         pw = ow + (dw - 1)
                         ok = row_ok & (ph >= 0) & (ph < H) & (pw >= 0) & (pw < W)
-                        p = n64 + ph.to(tl.int64) * stride_xh + pw.to(tl.int64) * stride_xw
+                        p = (
+                            n64
+                            + ph.to(tl.int64) * stride_xh
+                            + pw.to(tl.int64) * stride_xw
+                        )
                         v = tl.load(
                             x_ptr + p[:, None] + chan[None, :],
                             mask=ok[:, None] & k_ok[None, :],
@@ -67,7 +84,9 @@ def conv_tile(
             if USE_DOT:
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
             else:
-                acc += tl.sum(a[:, :, None].to(ACC_DTYPE) * b[None, :, :].to(ACC_DTYPE), axis=1)
+                acc += tl.sum(
+                    a[:, :, None].to(ACC_DTYPE) * b[None, :, :].to(ACC_DTYPE), axis=1
+                )
     return acc
 
 
@@ -85,4 +104,8 @@ def store_bias_relu(acc, bias_ptr, cols, col_ok, out_ptr, out_row_stride, rows, 
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
     y = tl.maximum(acc + bias[None, :].to(acc.dtype), 0.0)
     offs = rows.to(tl.int64)[:, None] * out_row_stride + cols[None, :]
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(
+        out_ptr + offs,
+        y.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )

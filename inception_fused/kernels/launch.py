@@ -28,7 +28,9 @@ def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
 
 
-def tile_config(dtype: torch.dtype, m: int, n_cols: int, k: int, on_gpu: bool) -> TileConfig:
+def tile_config(
+    dtype: torch.dtype, m: int, n_cols: int, k: int, on_gpu: bool
+) -> TileConfig:
     """Tile sizes for an [m, k] @ [k, n_cols] conv GEMM.
 
     The interpreter pays ~ms per program and loop step, so it gets the biggest tiles the
@@ -39,7 +41,9 @@ def tile_config(dtype: torch.dtype, m: int, n_cols: int, k: int, on_gpu: bool) -
         # Without tl.dot the [M, K, N] product is materialised: keep it under Triton's
         # 2**20-element cap by thinning K.
         block_k = _pow2(k, 16, 128) if use_dot else 16
-        return TileConfig(_pow2(m, 16, 256), _pow2(n_cols, 16, 128), block_k, use_dot=use_dot)
+        return TileConfig(
+            _pow2(m, 16, 256), _pow2(n_cols, 16, 128), block_k, use_dot=use_dot
+        )
     if not use_dot:  # fp64: broadcast multiply-and-sum keeps [M, K, N] in registers
         return TileConfig(32, 32, 8, num_stages=1, use_dot=False)
     block_m = 64 if m <= 8192 else 128
@@ -49,7 +53,11 @@ def tile_config(dtype: torch.dtype, m: int, n_cols: int, k: int, on_gpu: bool) -
 
 def input_precision(dtype: torch.dtype) -> str:
     """fp32 tl.dot uses TF32 only where torch would let cuDNN's convs use it."""
-    if dtype == torch.float32 and not interpreting() and torch.backends.cudnn.allow_tf32:
+    if (
+        dtype == torch.float32
+        and not interpreting()
+        and torch.backends.cudnn.allow_tf32
+    ):
         return "tf32"
     return "ieee"
 

@@ -18,14 +18,32 @@ from .launch import TileConfig, acc_dtype, input_precision
 
 @triton.jit
 def inception_pointwise_kernel(
-    x_ptr, stride_xn, stride_xc, stride_xh, stride_xw,
-    stem_w_ptr, stem_b_ptr, pool_w_ptr, pool_b_ptr,
-    out_ptr, scratch_ptr,
-    M, H, W, C_in,
-    C1, C_RED, C_POOL,  # branch-1 width, reduce width (r3 + r5), pool-projection width
-    C_OUT, POOL_COL,  # output row stride and the pool slice's first channel
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    x_ptr,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stem_w_ptr,
+    stem_b_ptr,
+    pool_w_ptr,
+    pool_b_ptr,
+    out_ptr,
+    scratch_ptr,
+    M,
+    H,
+    W,
+    C_in,
+    C1,
+    C_RED,
+    C_POOL,  # branch-1 width, reduce width (r3 + r5), pool-projection width
+    C_OUT,
+    POOL_COL,  # output row stride and the pool slice's first channel
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -36,23 +54,74 @@ def inception_pointwise_kernel(
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < n_cols
         acc = conv_tile(
-            x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, n, oh, ow, row_ok, H, W, C_in,
-            stem_w_ptr, cols, col_ok, n_cols, 1, False,
-            BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, INPUT_PRECISION, ACC_DTYPE,
+            x_ptr,
+            stride_xn,
+            stride_xc,
+            stride_xh,
+            stride_xw,
+            n,
+            oh,
+            ow,
+            row_ok,
+            H,
+            W,
+            C_in,
+            stem_w_ptr,
+            cols,
+            col_ok,
+            n_cols,
+            1,
+            False,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            USE_DOT,
+            INPUT_PRECISION,
+            ACC_DTYPE,
         )
         # Columns [0, C1) are branch 1's output; [C1, C1 + C_RED) feed launch B.
         to_out = cols < C1
-        store_bias_relu(acc, stem_b_ptr, cols, col_ok & to_out, out_ptr, C_OUT, rows, row_ok)
         store_bias_relu(
-            acc, stem_b_ptr, cols, col_ok & ~to_out, scratch_ptr - C1, C_RED, rows, row_ok
+            acc, stem_b_ptr, cols, col_ok & to_out, out_ptr, C_OUT, rows, row_ok
+        )
+        store_bias_relu(
+            acc,
+            stem_b_ptr,
+            cols,
+            col_ok & ~to_out,
+            scratch_ptr - C1,
+            C_RED,
+            rows,
+            row_ok,
         )
     else:
         cols = (pid_n - stem_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < C_POOL
         acc = conv_tile(
-            x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, n, oh, ow, row_ok, H, W, C_in,
-            pool_w_ptr, cols, col_ok, C_POOL, 1, True,
-            BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, INPUT_PRECISION, ACC_DTYPE,
+            x_ptr,
+            stride_xn,
+            stride_xc,
+            stride_xh,
+            stride_xw,
+            n,
+            oh,
+            ow,
+            row_ok,
+            H,
+            W,
+            C_in,
+            pool_w_ptr,
+            cols,
+            col_ok,
+            C_POOL,
+            1,
+            True,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            USE_DOT,
+            INPUT_PRECISION,
+            ACC_DTYPE,
         )
         store_bias_relu(
             acc, pool_b_ptr, cols, col_ok, out_ptr + POOL_COL, C_OUT, rows, row_ok
@@ -81,14 +150,32 @@ def launch_pointwise(
         triton.cdiv(c1 + c_red, cfg.block_n) + triton.cdiv(c_pool, cfg.block_n),
     )
     inception_pointwise_kernel[grid](
-        x, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        stem_w, stem_b, pool_w, pool_b,
-        out, scratch,
-        m, h, w, c_in,
-        c1, c_red, c_pool,
-        c_out, c_out - c_pool,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        USE_DOT=cfg.use_dot, INPUT_PRECISION=input_precision(x.dtype),
+        x,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        x.stride(3),
+        stem_w,
+        stem_b,
+        pool_w,
+        pool_b,
+        out,
+        scratch,
+        m,
+        h,
+        w,
+        c_in,
+        c1,
+        c_red,
+        c_pool,
+        c_out,
+        c_out - c_pool,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        USE_DOT=cfg.use_dot,
+        INPUT_PRECISION=input_precision(x.dtype),
         ACC_DTYPE=acc_dtype(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )

@@ -15,13 +15,28 @@ from .launch import TileConfig, acc_dtype, input_precision
 @triton.jit
 def inception_spatial_kernel(
     red_ptr,  # scratch [M, R3 + R5]: the two reduce outputs side by side
-    w3_ptr, b3_ptr, w5_ptr, b5_ptr,
+    w3_ptr,
+    b3_ptr,
+    w5_ptr,
+    b5_ptr,
     out_ptr,
-    M, H, W,
-    R3, R5, C3, C5, K3, K5,
-    C_OUT, COL3,  # output row stride and branch 2's first output channel
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    M,
+    H,
+    W,
+    R3,
+    R5,
+    C3,
+    C5,
+    K3,
+    K5,
+    C_OUT,
+    COL3,  # output row stride and branch 2's first output channel
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -39,9 +54,30 @@ def inception_spatial_kernel(
     col_ok = cols < n_cols
     c_red = R3 + R5
     acc = conv_tile(
-        in_ptr, H * W * c_red, 1, W * c_red, c_red, n, oh, ow, row_ok, H, W, c_in,
-        w_ptr, cols, col_ok, n_cols, ks, False,
-        BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, INPUT_PRECISION, ACC_DTYPE,
+        in_ptr,
+        H * W * c_red,
+        1,
+        W * c_red,
+        c_red,
+        n,
+        oh,
+        ow,
+        row_ok,
+        H,
+        W,
+        c_in,
+        w_ptr,
+        cols,
+        col_ok,
+        n_cols,
+        ks,
+        False,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        USE_DOT,
+        INPUT_PRECISION,
+        ACC_DTYPE,
     )
     store_bias_relu(acc, b_ptr, cols, col_ok, out_ptr + col0, C_OUT, rows, row_ok)
 
@@ -64,14 +100,34 @@ def launch_spatial(
     m = n * h * w
     r5 = reduced.shape[1] - r3
     c3, c5 = w3.shape[1], w5.shape[1]
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(c3, cfg.block_n) + triton.cdiv(c5, cfg.block_n))
+    grid = (
+        triton.cdiv(m, cfg.block_m),
+        triton.cdiv(c3, cfg.block_n) + triton.cdiv(c5, cfg.block_n),
+    )
     inception_spatial_kernel[grid](
-        reduced, w3, b3, w5, b5, out,
-        m, h, w,
-        r3, r5, c3, c5, k3, k5,
-        c_out, col3,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        USE_DOT=cfg.use_dot, INPUT_PRECISION=input_precision(out.dtype),
+        reduced,
+        w3,
+        b3,
+        w5,
+        b5,
+        out,
+        m,
+        h,
+        w,
+        r3,
+        r5,
+        c3,
+        c5,
+        k3,
+        k5,
+        c_out,
+        col3,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        USE_DOT=cfg.use_dot,
+        INPUT_PRECISION=input_precision(out.dtype),
         ACC_DTYPE=acc_dtype(out.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
