@@ -12,7 +12,9 @@ from .conv_tile import conv_tile, store_bias_relu, tile_pixels
 from .launch import TileConfig, acc_dtype, input_precision
 
 
-@triton.jit
+# Branch parameters are picked at run time by an if/else; an int equal to 1 would otherwise be
+# specialised to a constexpr in one arm only, and the arms' types would then disagree.
+@triton.jit(do_not_specialize=["R3", "R5", "C3", "C5", "K3", "K5", "COL3"])
 def inception_spatial_kernel(
     red_ptr,  # scratch [M, R3 + R5]: the two reduce outputs side by side
     w3_ptr,
