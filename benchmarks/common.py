@@ -772,3 +772,47 @@ def start_run(args: argparse.Namespace) -> GridRun:
         budget=Budget(args.budget_s),
         peaks={},
     )
+
+
+# --------------------------------------------------------------------------- reading
+
+PointKey = tuple[str, str, int, str, str]  # device, dtype, batch, config, mode
+
+
+def timings_by_point(
+    rows: Iterable[dict[str, str]], metric: str = "time_ms"
+) -> dict[PointKey, dict[str, Timing]]:
+    """{(device, dtype, batch, config, mode): {provider: Timing}} for one metric."""
+    table: dict[PointKey, dict[str, Timing]] = {}
+    for row in rows:
+        if row["metric"] != metric or row["config"] == DEVICE_CONFIG:
+            continue
+        key = (
+            row["device"],
+            row["dtype"],
+            int(row["batch"]),
+            row["config"],
+            row["mode"],
+        )
+        table.setdefault(key, {})[row["provider"]] = Timing(
+            float(row["median"]), float(row["q20"]), float(row["q80"])
+        )
+    return table
+
+
+def speedup(base: Timing, other: Timing) -> Timing:
+    """``base`` time over ``other`` time; the spread pairs opposite quantiles, so it
+    covers both measurements' noise."""
+    return Timing(
+        base.median / other.median, base.q20 / other.q80, base.q80 / other.q20
+    )
+
+
+def best_compile(timings: dict[str, Timing]) -> Timing | None:
+    """The fastest torch.compile mode at a point (our fused-compile excluded)."""
+    found = [
+        t
+        for name, t in timings.items()
+        if name in COMPILE_PROVIDERS and name != "fused-compile"
+    ]
+    return min(found, key=lambda t: t.median) if found else None
