@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -99,6 +99,17 @@ def quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
+def cell(times: dict[str, list[float]], method: str) -> str:
+    """'median [q20,q80]' of one method, in ms."""
+    if method not in times:
+        return f"{'-':>16}"
+    values = times[method]
+    return (
+        f"{statistics.median(values):>7.3f} "
+        f"[{quantile(values, 0.2):.2f},{quantile(values, 0.8):.2f}]"
+    ).rjust(16)
+
+
 def bench_config(
     name: str, batch: int, use_compile: bool, min_runs: int, budget_s: float
 ) -> dict[str, list[float]]:
@@ -138,7 +149,7 @@ def main() -> None:
 
     model, cores = cpu_model(), os.cpu_count() or 1
     meta = {
-        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": model,
         "cores": cores,
         "threads": torch.get_num_threads(),
@@ -174,18 +185,12 @@ def main() -> None:
                         "speedup_vs_eager": f"{med[eager] / med[method]:.3f}",
                     }
                 )
-
-            def cell(method: str) -> str:
-                if method not in times:
-                    return f"{'-':>16}"
-                q20, q80 = quantile(times[method], 0.2), quantile(times[method], 0.8)
-                return f"{med[method]:>7.3f} [{q20:.2f},{q80:.2f}]".rjust(16)
-
             vs_compile = (
                 f"{med['compile'] / med['fused']:>9.2f}x" if "compile" in med else ""
             )
             print(
-                f"{name:>6} {batch:>5} {cell('fused')} {cell(eager)} {cell('compile')} "
+                f"{name:>6} {batch:>5} {cell(times, 'fused')} {cell(times, eager)} "
+                f"{cell(times, 'compile')} "
                 f"{med[eager] / med['fused']:>7.2f}x {vs_compile}",
                 flush=True,
             )

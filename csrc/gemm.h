@@ -1,5 +1,6 @@
 // The one GEMM routine every step of the CPU backend runs: a register-blocked
-// micro-kernel computing C = relu(A @ B + bias) for a block of output pixels.
+// micro-kernel computing C = relu(A @ B + bias) for a block of output pixels (or the
+// raw product C = A @ B when bias is null: the Winograd-domain products).
 //
 // A is addressed through one pointer per output row (pixel), so the same kernel reads
 // x rows (1x1 convs), a pooled tile (pool projection) or conv windows inside a
@@ -33,16 +34,27 @@ struct Simd<double> {
   static constexpr int width = 4;
 };
 
-template <typename V, typename T>
-inline V load_vec(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
+// Unaligned load / store of a U (a SIMD vector of T, or one T) at p.
+template <typename U, typename T>
+inline U load(const T* p) {
+  U u;
+  std::memcpy(&u, p, sizeof(U));
+  return u;
 }
 
-template <typename V, typename T>
-inline void store_vec(T* p, V v) {
-  std::memcpy(p, &v, sizeof(V));
+template <typename U, typename T>
+inline void store(T* p, U u) {
+  std::memcpy(p, &u, sizeof(U));
+}
+
+// Calls body(U{}, c) for c over [0, count): U a SIMD vector of T while a whole one
+// fits, then U = T for the tail. Lets elementwise code be written once for both.
+template <typename T, typename F>
+inline void for_each_lane_group(int64_t count, const F& body) {
+  using V = typename Simd<T>::type;
+  int64_t c = 0;
+  for (; c + Simd<T>::width <= count; c += Simd<T>::width) body(V{}, c);
+  for (; c < count; ++c) body(T{}, c);
 }
 
 // How the reduction dimension K is laid out in A: `segments` runs of `seg_len`
@@ -75,7 +87,7 @@ inline void micro_tile(const T* const* a_rows, const KLayout& kl, const T* b,
     for (int64_t k = 0; k < kl.seg_len; ++k, b_row += ldb) {
       V bv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) bv[v] = load_vec<V>(b_row + v * W);
+      for (int v = 0; v < NV; ++v) bv[v] = load<V>(b_row + v * W);
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
         const T ai = a[i][k];
@@ -87,11 +99,11 @@ inline void micro_tile(const T* const* a_rows, const KLayout& kl, const T* b,
   const V zero = {};
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
-    const V bias_v = load_vec<V>(bias + j + v * W);
+    const V bias_v = bias ? load<V>(bias + j + v * W) : zero;
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const V r = acc[i][v] + bias_v;
-      store_vec(c_rows[i] + j + v * W, r > zero ? r : zero);
+      store(c_rows[i] + j + v * W, bias ? (r > zero ? r : zero) : r);
     }
   }
 }
@@ -110,8 +122,8 @@ inline void edge_columns(int64_t rows, const T* const* a_rows, const KLayout& kl
         const T* b_col = b + s * kl.seg_len * ldb + col;
         for (int64_t k = 0; k < kl.seg_len; ++k) acc += a[k] * b_col[k * ldb];
       }
-      acc += bias[col];
-      c_rows[i][col] = acc > T(0) ? acc : T(0);
+      if (bias) acc = std::max(acc + bias[col], T(0));
+      c_rows[i][col] = acc;
     }
   }
 }
@@ -131,13 +143,14 @@ inline void row_tile(int64_t mr, const T* const* a_rows, const KLayout& kl, cons
 }
 static_assert(kTileRows == 6, "row_tile dispatches tile heights 1..6");
 
-// C[:, col_begin:col_end] = relu(A @ B[:, col_begin:col_end] + bias) for `rows` rows.
+// C[:, col_begin:col_end] = relu(A @ B[:, col_begin:col_end] + bias) for `rows` rows
+// (without bias and ReLU when bias is null).
 // Column panels outermost, so one B panel is reused by every row tile of the block
 // while it sits in L1/L2.
 template <typename T>
-void gemm_bias_relu(int64_t rows, const T* const* a_rows, const KLayout& kl, const T* b,
-                    int64_t ldb, const T* bias, T* const* c_rows, int64_t col_begin,
-                    int64_t col_end) {
+void gemm(int64_t rows, const T* const* a_rows, const KLayout& kl, const T* b,
+          int64_t ldb, const T* bias, T* const* c_rows, int64_t col_begin,
+          int64_t col_end) {
   constexpr int W = Simd<T>::width;
   int64_t j = col_begin;
   for (; j + kTileVecs * W <= col_end; j += kTileVecs * W)

@@ -2,7 +2,8 @@
 // channels_last output, mirroring the two Triton launches.
 //
 //   pointwise.cpp  step 1: x @ [W_1x1 | W_red3 | W_red5] and maxpool -> pool projection
-//   spatial.cpp    step 2: implicit-GEMM 3x3 / 5x5 convs over the reduce outputs
+//   spatial.cpp    step 2: the 3x3 / 5x5 convs over the reduce outputs, as implicit
+//                  GEMMs or, for 3x3 kernels, Winograd F(2x2, 3x3) (winograd.cpp)
 //   gemm.h         the register-blocked GEMM + bias + ReLU both steps run
 //   bindings.cpp   checks, allocation, the Python entry point
 #pragma once
@@ -99,13 +100,31 @@ void pointwise_step(const T* x, const Shape& shape, int64_t c_in,
                     const PaddedMap<T>& red3, const PaddedMap<T>& red5);
 
 // One spatial branch of step 2: a kernel x kernel conv over a zero-bordered reduce map.
+// weights: the packed [kernel^2 * C, cols] matrix (row = tap * C + c), or with
+// `winograd` (kernel 3 only) the transformed [16 * C, cols] one of winograd_weights.
 template <typename T>
 struct SpatialBranch {
   PaddedMap<T> input;
   int64_t kernel;
-  Weights<T> weights;  // [kernel * kernel * input.channels, cols], row = tap * C + c
+  Weights<T> weights;
   OutputSlice<T> out;
+  bool winograd;
 };
+
+// Winograd F(2x2, 3x3) (winograd.cpp). Tiles of 2x2 output pixels, enumerated like
+// pixels over a (ceil(H/2), ceil(W/2)) grid; the input map needs an even interior
+// (one more zero row / column when H / W is odd).
+constexpr int64_t kWinogradTiles = 4 * kTileRows;  // tiles per task
+
+// u [16 * c_in, cols] = G g G^T of the packed 3x3 weights w [9 * c_in, cols].
+template <typename T>
+void winograd_weights(const T* w, int64_t c_in, int64_t cols, T* u);
+
+// Output channels [col_begin, col_end) of the tiles tile0 ... tile0 + kWinogradTiles - 1
+// of a 3x3 branch. buffer: a thread's 16 * kWinogradTiles * (C + chunk_cols) scratch.
+template <typename T>
+void winograd_tile_block(const Shape& shape, const SpatialBranch<T>& branch,
+                         int64_t tile0, int64_t col_begin, int64_t col_end, T* buffer);
 
 // Step 2. out = relu(conv(input) + bias) for the 3x3 and 5x5 branches, as implicit
 // GEMMs reading the zero-bordered reduce maps in place.

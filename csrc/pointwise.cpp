@@ -14,19 +14,22 @@
 namespace inception_cpu {
 namespace {
 
+// Zeroes everything of the map outside its interior (shape.height x shape.width pixels
+// at offset pad): the conv's zero padding, plus the extra row / column Winograd's
+// 2x2 tiles read when H or W is odd.
 template <typename T>
-void zero_border(const PaddedMap<T>& map, int64_t batch) {
-  if (map.pad == 0) return;
+void zero_border(const PaddedMap<T>& map, const Shape& shape) {
   const int64_t row_len = map.width * map.channels;
-  const int64_t side_len = map.pad * map.channels;
-  for (int64_t row = 0; row < batch * map.height; ++row) {
+  const int64_t left = map.pad * map.channels;
+  const int64_t right = (map.pad + shape.width) * map.channels;
+  for (int64_t row = 0; row < shape.batch * map.height; ++row) {
     T* p = map.data + row * row_len;
     const int64_t h = row % map.height;
-    if (h < map.pad || h >= map.height - map.pad) {
+    if (h < map.pad || h >= map.pad + shape.height) {
       std::fill(p, p + row_len, T(0));
     } else {
-      std::fill(p, p + side_len, T(0));
-      std::fill(p + row_len - side_len, p + row_len, T(0));
+      std::fill(p, p + left, T(0));
+      std::fill(p + right, p + row_len, T(0));
     }
   }
 }
@@ -65,8 +68,8 @@ void pointwise_step(const T* x, const Shape& shape, int64_t c_in,
                     const Weights<T>& reduce5, const Weights<T>& pool_proj,
                     const OutputSlice<T>& out1, const OutputSlice<T>& out_pool,
                     const PaddedMap<T>& red3, const PaddedMap<T>& red5) {
-  zero_border(red3, shape.batch);
-  zero_border(red5, shape.batch);
+  zero_border(red3, shape);
+  zero_border(red5, shape);
 
   // Every pixel block runs these jobs. Stem columns are chunked for parallelism; the
   // pool projection stays whole so each block max-pools its tile once.
@@ -112,7 +115,7 @@ void pointwise_step(const T* x, const Shape& shape, int64_t c_in,
         });
       }
     }
-    gemm_bias_relu(rows, a_rows, one_run, weights->w, weights->ldb, weights->bias,
+    gemm(rows, a_rows, one_run, weights->w, weights->ldb, weights->bias,
                    c_rows, job.begin, job.end);
   });
 }
