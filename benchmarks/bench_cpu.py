@@ -128,6 +128,9 @@ def bench_config(
         "eager_nchw": lambda: ref(x),
     }
     if use_compile:
+        # Every config shares InceptionModule.forward's code object: without a reset,
+        # dynamo's recompile limit would silently leave later configs uncompiled.
+        torch._dynamo.reset()
         compiled = torch.compile(ref_cl)
         fns["compile"] = lambda: compiled(x_cl)
     with torch.no_grad():
@@ -144,7 +147,7 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--min-runs", type=int, default=30)
-    parser.add_argument("--budget-s", type=float, default=2.0, help="per config/batch")
+    parser.add_argument("--budget-s", type=float, default=1.5, help="per config/batch")
     args = parser.parse_args()
 
     model, cores = cpu_model(), os.cpu_count() or 1
