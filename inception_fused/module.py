@@ -9,12 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cpu import CPU_DTYPES, cpu_eval_forward
 from .folding import FoldedInception, fold_inception
 from .kernels.launch import interpreting
 from .ops import inception_eval_forward
 from .reference import InceptionModule
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
 def _default_backend() -> str:
@@ -29,10 +30,11 @@ class FusedInceptionModule(InceptionModule):
     when any parameter or buffer changes). Train mode, and any call that needs gradients,
     currently computes with the reference PyTorch math, so its values are always right.
 
-    ``backend``: ``"auto"`` (Triton for CUDA tensors and, when ``TRITON_INTERPRET=1``, for
-    CPU tensors through the interpreter), ``"triton"`` (insist on Triton), or
-    ``"reference"`` (plain PyTorch). The ``INCEPTION_FUSED_BACKEND`` environment variable
-    sets the default.
+    ``backend``: ``"auto"`` (Triton for CUDA tensors, the C++ backend for float32/float64
+    CPU tensors, plain PyTorch for other CPU dtypes),
+    ``"triton"`` (insist on Triton; on CPU tensors only through the interpreter,
+    ``TRITON_INTERPRET=1``), ``"cpu"`` (insist on the C++ backend) or ``"reference"``
+    (plain PyTorch). The ``INCEPTION_FUSED_BACKEND`` environment variable sets the default.
     """
 
     def __init__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> None:
@@ -108,6 +110,8 @@ class FusedInceptionModule(InceptionModule):
             or not self._has_running_stats()
         ):
             return super().forward(x)
+        if backend == "cpu":
+            return cpu_eval_forward(x, self.folded(x.dtype))
         return inception_eval_forward(x, self.folded(x.dtype))
 
     def _has_running_stats(self) -> bool:
@@ -118,19 +122,32 @@ class FusedInceptionModule(InceptionModule):
     def _resolve_backend(self, x: torch.Tensor) -> str:
         if self.backend == "reference":
             return "reference"
-        if x.is_cuda or interpreting():
-            if not x.is_cuda and x.dtype not in (torch.float32, torch.float64):
+        if x.is_cuda:
+            if self.backend == "cpu":
+                raise RuntimeError("backend='cpu' runs CPU tensors, got a CUDA tensor")
+            return "triton"
+        if self.backend == "triton":
+            if not interpreting():
+                raise RuntimeError(
+                    f"backend='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set "
+                    f"before importing inception_fused to interpret the kernels on CPU; "
+                    f"got a tensor on {x.device}"
+                )
+            if x.dtype not in CPU_DTYPES:
                 raise TypeError(
                     f"the Triton interpreter on CPU runs float32 and float64, got {x.dtype}"
                 )
             return "triton"
-        if self.backend == "triton":
-            raise RuntimeError(
-                f"backend='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before "
-                f"importing inception_fused to interpret the kernels on CPU; got a tensor on "
-                f"{x.device}"
+        if x.device.type != "cpu":
+            raise RuntimeError(f"no fused backend for tensors on {x.device}")
+        if x.dtype in CPU_DTYPES:
+            return "cpu"
+        if self.backend == "cpu":
+            raise TypeError(
+                f"the C++ CPU backend runs float32 and float64, got {x.dtype}; use "
+                f"backend='reference' (or 'auto') for other dtypes on CPU"
             )
-        return "reference"
+        return "reference"  # auto: no fused CPU kernel for this dtype
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):

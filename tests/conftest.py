@@ -1,7 +1,9 @@
 """Shared test setup: device choice, dtype-keyed tolerances, model helpers.
 
 Without a GPU every Triton kernel runs through the interpreter (TRITON_INTERPRET=1, set here
-before any kernel module is imported); with one, the same tests compile the kernels.
+before any kernel module is imported, with INCEPTION_FUSED_BACKEND=triton so that modules
+built without an explicit backend pick the interpreter over the C++ CPU backend); with one,
+the same tests compile the kernels. tests/test_cpu_backend.py asks for backend="cpu".
 """
 
 import os
@@ -10,6 +12,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["INCEPTION_FUSED_BACKEND"] = "triton"
 
 import pytest
 

@@ -1,0 +1,142 @@
+// Python entry point of the CPU backend: checks the folded weights, allocates the
+// channels_last output and the zero-bordered reduce maps, runs the two steps.
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+
+#include "inception_cpu.h"
+
+namespace inception_cpu {
+namespace {
+
+void check_weight(const at::Tensor& t, const char* name, const at::Tensor& x,
+                  int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == x.scalar_type() &&
+                  t.is_contiguous() && t.dim() == dim,
+              "inception_fused CPU backend: ", name, " must be a contiguous ", dim,
+              "-D CPU tensor of dtype ", x.scalar_type(), ", got ", t.sizes(), " ",
+              t.scalar_type(), " on ", t.device());
+}
+
+template <typename T>
+Weights<T> weights(const at::Tensor& w, const at::Tensor& b, int64_t col, int64_t cols) {
+  return {w.data_ptr<T>() + col, w.size(1), b.data_ptr<T>() + col, cols};
+}
+
+template <typename T>
+PaddedMap<T> padded_map(const at::Tensor& t, int64_t pad) {
+  return {t.data_ptr<T>(), t.size(3), pad, t.size(1), t.size(2)};
+}
+
+at::Tensor eval_forward(const at::Tensor& x_in, const at::Tensor& stem_w,
+                        const at::Tensor& stem_b, const at::Tensor& pool_w,
+                        const at::Tensor& pool_b, const at::Tensor& w3,
+                        const at::Tensor& b3, const at::Tensor& w5, const at::Tensor& b5,
+                        int64_t c1, int64_t r3, int64_t k3, int64_t k5,
+                        const std::optional<at::Tensor>& winograd_w3,
+                        const std::optional<at::Tensor>& winograd_w5) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4,
+              "inception_fused CPU backend: expected a 4-D CPU tensor, got ",
+              x_in.sizes(), " on ", x_in.device());
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+              "inception_fused CPU backend runs float32 and float64, got ",
+              x_in.scalar_type());
+  check_weight(stem_w, "stem_w", x_in, 2);
+  check_weight(pool_w, "pool_w", x_in, 2);
+  check_weight(w3, "w3", x_in, 2);
+  check_weight(w5, "w5", x_in, 2);
+  for (auto [b, name] : {std::pair{&stem_b, "stem_b"}, std::pair{&pool_b, "pool_b"},
+                         std::pair{&b3, "b3"}, std::pair{&b5, "b5"}})
+    check_weight(*b, name, x_in, 1);
+  for (auto [u, w, k, name] :
+       {std::tuple{&winograd_w3, &w3, k3, "winograd_w3"},
+        std::tuple{&winograd_w5, &w5, k5, "winograd_w5"}}) {
+    if (!u->has_value()) continue;
+    check_weight(**u, name, x_in, 2);
+    TORCH_CHECK(k == 3 && (*u)->size(0) == 16 * w->size(0) / 9 &&
+                    (*u)->size(1) == w->size(1),
+                "inception_fused CPU backend: ", name,
+                " must be winograd_weights() of a 3x3 branch's weights");
+  }
+  const int64_t c_in = x_in.size(1), r5 = stem_w.size(1) - c1 - r3;
+  const int64_t c3 = w3.size(1), c5 = w5.size(1), c_pool = pool_w.size(1);
+  TORCH_CHECK(stem_w.size(0) == c_in && pool_w.size(0) == c_in && r5 > 0 &&
+                  w3.size(0) == k3 * k3 * r3 && w5.size(0) == k5 * k5 * r5 &&
+                  k3 % 2 == 1 && k5 % 2 == 1,
+              "inception_fused CPU backend: folded weights do not fit an input with ",
+              c_in, " channels");
+
+  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const Shape shape{x.size(0), x.size(2), x.size(3)};
+  const int64_t c_out = c1 + c3 + c5 + c_pool;
+  at::Tensor out = at::empty({shape.batch, c_out, shape.height, shape.width},
+                             x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (shape.pixels() == 0) return out;
+
+  const int64_t p3 = k3 / 2, p5 = k5 / 2;
+  // Winograd's 2x2 tiles read one row / column past an odd interior.
+  auto map_tensor = [&](int64_t pad, int64_t channels, bool winograd) {
+    const int64_t extra_h = winograd ? shape.height % 2 : 0;
+    const int64_t extra_w = winograd ? shape.width % 2 : 0;
+    return at::empty({shape.batch, shape.height + 2 * pad + extra_h,
+                      shape.width + 2 * pad + extra_w, channels},
+                     x.options());
+  };
+  const bool wino3 = winograd_w3.has_value(), wino5 = winograd_w5.has_value();
+  const at::Tensor red3 = map_tensor(p3, r3, wino3), red5 = map_tensor(p5, r5, wino5);
+  const at::Tensor& spatial_w3 = wino3 ? *winograd_w3 : w3;
+  const at::Tensor& spatial_w5 = wino5 ? *winograd_w5 : w5;
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "inception_fused_cpu_eval", [&] {
+    using T = scalar_t;
+    T* o = out.data_ptr<T>();
+    const PaddedMap<T> map3 = padded_map<T>(red3, p3), map5 = padded_map<T>(red5, p5);
+    pointwise_step<T>(x.data_ptr<T>(), shape, c_in, weights<T>(stem_w, stem_b, 0, c1),
+                      weights<T>(stem_w, stem_b, c1, r3),
+                      weights<T>(stem_w, stem_b, c1 + r3, r5),
+                      weights<T>(pool_w, pool_b, 0, c_pool), {o, c_out},
+                      {o + c1 + c3 + c5, c_out}, map3, map5);
+    spatial_step<T>(
+        shape, {map3, k3, weights<T>(spatial_w3, b3, 0, c3), {o + c1, c_out}, wino3},
+        {map5, k5, weights<T>(spatial_w5, b5, 0, c5), {o + c1 + c3, c_out}, wino5});
+  });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor winograd_weights_tensor(const at::Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous() &&
+                  w.size(0) % 9 == 0 &&
+                  (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble),
+              "winograd_weights: expected packed 3x3 weights [9 * C, cols], contiguous "
+              "float32/float64 on CPU, got ", w.sizes(), " ", w.scalar_type());
+  const int64_t c_in = w.size(0) / 9;
+  at::Tensor u = at::empty({16 * c_in, w.size(1)}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "inception_fused_winograd_weights", [&] {
+    winograd_weights<scalar_t>(w.data_ptr<scalar_t>(), c_in, w.size(1),
+                               u.data_ptr<scalar_t>());
+  });
+  return u;
+}
+
+}  // namespace inception_cpu
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "inception_fused CPU backend: the fused eval forward in C++ and OpenMP";
+  m.def("eval_forward", &inception_cpu::eval_forward,
+        "Eval-mode Inception over BN-folded, packed weights (see folding.py); returns "
+        "a channels_last output",
+        pybind11::arg("x"), pybind11::arg("stem_w"), pybind11::arg("stem_b"),
+        pybind11::arg("pool_w"), pybind11::arg("pool_b"), pybind11::arg("w3"),
+        pybind11::arg("b3"), pybind11::arg("w5"), pybind11::arg("b5"), pybind11::arg("c1"),
+        pybind11::arg("r3"), pybind11::arg("k3"), pybind11::arg("k5"),
+        pybind11::arg("winograd_w3") = pybind11::none(),
+        pybind11::arg("winograd_w5") = pybind11::none(),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("winograd_weights", &inception_cpu::winograd_weights_tensor,
+        "Winograd F(2x2, 3x3) transform G g G^T of packed 3x3 weights [9 C, cols] -> "
+        "[16 C, cols] (row = xi * C + c)",
+        pybind11::arg("w"), pybind11::call_guard<pybind11::gil_scoped_release>());
+}

@@ -1,0 +1,79 @@
+"""The C++ CPU backend (csrc/, built by setup.py as ``inception_fused._C``)."""
+
+from __future__ import annotations
+
+import importlib
+import weakref
+from types import ModuleType
+
+import torch
+
+from .folding import FoldedInception
+
+CPU_DTYPES = (torch.float32, torch.float64)
+
+_extension: ModuleType | None = None
+# Winograd-transformed 3x3 weights per FoldedInception (by id, dropped with it): the
+# module refolds into a new object whenever a parameter changes, so entries never go stale.
+_winograd_cache: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+
+
+def load_extension() -> ModuleType:
+    """The compiled extension; a clear error when it was not built (never a fallback)."""
+    global _extension
+    if _extension is None:
+        try:
+            _extension = importlib.import_module("inception_fused._C")
+        except ImportError as err:
+            raise RuntimeError(
+                "inception_fused's C++ CPU backend (inception_fused._C) is not built or "
+                f"failed to load ({err}). Build it with `pip install "
+                "--no-build-isolation -e .` (needs torch and a C++ compiler), or choose "
+                "backend='reference' for plain PyTorch on CPU."
+            ) from err
+    return _extension
+
+
+def winograd_weights(
+    ext: ModuleType, f: FoldedInception
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """F(2x2, 3x3)-transformed weights of the branches with a 3x3 kernel (None for others)."""
+    key = id(f)
+    if key not in _winograd_cache:
+        r5 = f.stem_w.shape[1] - f.c1 - f.r3
+        _winograd_cache[key] = (
+            ext.winograd_weights(f.w3) if f.k3 == 3 else None,
+            ext.winograd_weights(f.w5) if f.k5 == 3 and r5 > 0 else None,
+        )
+        weakref.finalize(f, _winograd_cache.pop, key, None)
+    return _winograd_cache[key]
+
+
+def cpu_eval_forward(x: torch.Tensor, f: FoldedInception) -> torch.Tensor:
+    """Eval-mode Inception (BN folded) on CPU in two OpenMP steps; channels_last output.
+
+    Step 1 reads x once per pixel block: the three 1x1 convs as one GEMM (branch 1 into
+    its output slice, the reduce outputs into zero-bordered scratch maps) and the max-pool
+    fused into the pool projection. Step 2 runs the 3x3 convs as Winograd F(2x2, 3x3) and
+    other kernel sizes as implicit GEMMs over those maps. Every branch is written into its
+    slice of one output.
+    """
+    ext = load_extension()
+    w3, w5 = winograd_weights(ext, f)
+    return ext.eval_forward(
+        x,
+        f.stem_w,
+        f.stem_b,
+        f.pool_w,
+        f.pool_b,
+        f.w3,
+        f.b3,
+        f.w5,
+        f.b5,
+        f.c1,
+        f.r3,
+        f.k3,
+        f.k5,
+        w3,
+        w5,
+    )

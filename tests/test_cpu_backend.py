@@ -1,0 +1,186 @@
+"""The C++ CPU backend (csrc/): parity with the reference, layouts, errors, dispatch."""
+
+import sys
+
+import pytest
+import torch
+from conftest import assert_close, make_reference
+
+from inception_fused import FusedInceptionModule, cpu, module
+from inception_fused.configs import GOOGLENET_CONFIGS
+
+ODD = (37, 5, 7, 11, 3, 9, 6)  # channel counts not multiples of the SIMD width
+
+
+def cpu_pair(channels, dtype=torch.float32, backend="cpu", **kwargs):
+    ref = make_reference(*channels, **kwargs).to(dtype).eval()
+    return FusedInceptionModule.from_module(ref, backend=backend).eval(), ref
+
+
+def run_both(fused, ref, x):
+    with torch.no_grad():
+        return fused(x), ref(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("batch_norm", [True, False], ids=["bn", "bias"])
+@pytest.mark.parametrize("branch3_kernel", [3, 5])
+@pytest.mark.parametrize("name", list(GOOGLENET_CONFIGS))
+def test_googlenet_configs_real_size(name, branch3_kernel, batch_norm, dtype):
+    cfg = GOOGLENET_CONFIGS[name]
+    fused, ref = cpu_pair(
+        cfg.channels, dtype, branch3_kernel=branch3_kernel, batch_norm=batch_norm
+    )
+    x = torch.randn(2, cfg.in_channels, cfg.spatial, cfg.spatial, dtype=dtype)
+    out, expected = run_both(fused, ref, x)
+    assert out.shape == (2, cfg.out_channels, cfg.spatial, cfg.spatial)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 1, 1), (3, 5, 7), (2, 1, 9), (1, 13, 1), (2, 2, 3), (1, 17, 23)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+@pytest.mark.parametrize("branch3_kernel", [1, 3, 5, 7])
+def test_odd_shapes(shape, branch3_kernel, dtype):
+    fused, ref = cpu_pair(ODD, dtype, branch3_kernel=branch3_kernel)
+    n, h, w = shape
+    x = torch.randn(n, ODD[0], h, w, dtype=dtype)
+    out, expected = run_both(fused, ref, x)
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced", "permuted"])
+def test_input_layouts(layout):
+    fused, ref = cpu_pair((24, 8, 12, 16, 4, 8, 8))
+    x = torch.randn(2, 24, 12, 10)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":  # non-contiguous in W
+        x = torch.randn(2, 24, 12, 20)[..., ::2]
+    elif layout == "permuted":  # memory order N, W, H, C
+        x = torch.randn(2, 10, 12, 24).permute(0, 3, 2, 1)
+    out, expected = run_both(fused, ref, x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, expected)
+
+
+def test_empty_batch():
+    fused, _ = cpu_pair((16, 4, 4, 8, 4, 8, 4))
+    with torch.no_grad():
+        assert fused(torch.randn(0, 16, 5, 5)).shape == (0, 24, 5, 5)
+
+
+def test_result_independent_of_thread_count():
+    # Each output element is one thread's fixed-order dot product: bitwise repeatable.
+    fused, _ = cpu_pair(GOOGLENET_CONFIGS["4a"].channels)
+    x = torch.randn(1, 480, 14, 14)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        many = fused(x)
+        torch.set_num_threads(1)
+        try:
+            one = fused(x)
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(many, one)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_train_mode_parity_outputs_gradients_running_stats(dtype):
+    fused, ref = cpu_pair(ODD, dtype)
+    fused.train()
+    ref.train()
+    x = torch.randn(3, ODD[0], 6, 5, dtype=dtype)
+    x_ref = x.clone().requires_grad_()
+    x = x.requires_grad_()
+    out, expected = fused(x), ref(x_ref)
+    assert_close(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    assert_close(x.grad, x_ref.grad)
+    for p, q in zip(fused.parameters(), ref.parameters()):
+        assert_close(p.grad, q.grad)
+    for (name, a), (_, b) in zip(fused.named_buffers(), ref.named_buffers()):
+        assert torch.equal(a, b), name
+
+
+def test_grad_requiring_eval_call_uses_autograd():
+    fused, _ = cpu_pair(ODD)
+    x = torch.randn(2, ODD[0], 4, 4, requires_grad=True)
+    out = fused(x)
+    assert out.requires_grad
+    out.sum().backward()
+    assert x.grad is not None
+
+
+def test_missing_extension_raises_clearly(monkeypatch):
+    monkeypatch.setattr(cpu, "_extension", None)
+    monkeypatch.setitem(sys.modules, "inception_fused._C", None)  # import fails
+    fused, _ = cpu_pair(ODD, backend="auto")
+    with (
+        pytest.raises(RuntimeError, match="C\\+\\+ CPU backend.*not built"),
+        torch.no_grad(),
+    ):
+        fused(torch.randn(1, ODD[0], 3, 3))
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Record which eval path each forward takes."""
+    taken = []
+    monkeypatch.setattr(
+        module, "cpu_eval_forward", lambda x, f: taken.append("cpu") or x
+    )
+    monkeypatch.setattr(
+        module, "inception_eval_forward", lambda x, f: taken.append("triton") or x
+    )
+    return taken
+
+
+@pytest.mark.parametrize(
+    "backend, interpret, expected",
+    [
+        ("auto", False, "cpu"),
+        ("auto", True, "cpu"),  # the interpreter only when asked for
+        ("cpu", True, "cpu"),
+        ("triton", True, "triton"),
+        ("reference", False, None),
+    ],
+)
+def test_backend_selection(calls, monkeypatch, backend, interpret, expected):
+    monkeypatch.setattr(module, "interpreting", lambda: interpret)
+    fused, _ = cpu_pair(ODD, backend=backend)
+    with torch.no_grad():
+        fused(torch.randn(1, ODD[0], 3, 3))
+    assert calls == ([expected] if expected else [])
+
+
+def test_backend_from_environment(monkeypatch):
+    monkeypatch.setenv("INCEPTION_FUSED_BACKEND", "cpu")
+    assert FusedInceptionModule(*ODD).backend == "cpu"
+    monkeypatch.setenv("INCEPTION_FUSED_BACKEND", "auto")
+    assert FusedInceptionModule(*ODD).backend == "auto"
+
+
+def test_triton_on_cpu_without_interpreter_raises(calls, monkeypatch):
+    monkeypatch.setattr(module, "interpreting", lambda: False)
+    fused, _ = cpu_pair(ODD, backend="triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"), torch.no_grad():
+        fused(torch.randn(1, ODD[0], 3, 3))
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+def test_other_dtypes(calls, backend):
+    fused, ref = cpu_pair(ODD, torch.bfloat16, backend=backend)
+    x = torch.randn(1, ODD[0], 3, 3, dtype=torch.bfloat16)
+    if backend == "cpu":
+        with pytest.raises(TypeError, match="float32 and float64"):
+            run_both(fused, ref, x)
+    else:  # auto: plain PyTorch, the only CPU path for bfloat16
+        out, expected = run_both(fused, ref, x)
+        assert torch.equal(out, expected) and calls == []
