@@ -31,13 +31,30 @@ class FoldedInception:
     k5: int
 
 
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Biases and BN statistics are kept in fp64 for fp64 inputs, else in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pack_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Conv weight [C_out, C_in, k, k] -> implicit-GEMM matrix [k*k*C_in, C_out]."""
+    packed = weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0])
+    return packed.to(dtype).contiguous()
+
+
 def fold_conv_block(
-    block: ConvBlock, dtype: torch.dtype
+    block: ConvBlock, dtype: torch.dtype, fold_bn: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight [KS*KS*C_in, C_out] in ``dtype``, bias [C_out] in the accumulator dtype)."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    """(weight [KS*KS*C_in, C_out] in ``dtype``, bias [C_out] in the accumulator dtype).
+
+    With ``fold_bn=False`` the raw conv weight is packed and the bias is the conv's own
+    (zeros when a BN follows): what the train-mode kernels multiply by.
+    """
+    acc = accumulator_dtype(dtype)
     w = block.conv.weight.detach().to(acc)
-    if block.bn is None:
+    if block.bn is not None and not fold_bn:
+        bias = torch.zeros(w.shape[0], dtype=acc, device=w.device)
+    elif block.bn is None:
         bias = block.conv.bias.detach().to(acc)
     else:
         bn = block.bn
@@ -48,18 +65,35 @@ def fold_conv_block(
         if bn.bias is not None:
             bias = bias + bn.bias.detach().to(acc)
         w = w * scale[:, None, None, None]
-    packed = w.permute(2, 3, 1, 0).reshape(-1, w.shape[0])  # [kh, kw, C_in, C_out]
-    return packed.to(dtype).contiguous(), bias.contiguous()
+    return pack_weight(w, dtype), bias.contiguous()
 
 
-def fold_inception(module: InceptionModule, dtype: torch.dtype) -> FoldedInception:
-    parts = [
-        fold_conv_block(b, dtype)
-        for b in (module.branch1, module.branch2[0], module.branch3[0])
-    ]
-    pool_w, pool_b = fold_conv_block(module.branch4[1], dtype)
-    w3, b3 = fold_conv_block(module.branch2[1], dtype)
-    w5, b5 = fold_conv_block(module.branch3[1], dtype)
+def conv_blocks(module: InceptionModule) -> tuple[ConvBlock, ...]:
+    """The six conv blocks in BLOCK_ORDER."""
+    return (
+        module.branch1,
+        module.branch2[0],
+        module.branch3[0],
+        module.branch2[1],
+        module.branch3[1],
+        module.branch4[1],
+    )
+
+
+BLOCK_ORDER = ("branch1", "red3", "red5", "conv3", "conv5", "pool")
+
+
+def fold_inception(
+    module: InceptionModule, dtype: torch.dtype, fold_bn: bool = True
+) -> FoldedInception:
+    """Pack the module's weights for the kernels; BN folded in unless ``fold_bn=False``."""
+    b1, red3, red5, conv3, conv5, pool = (
+        fold_conv_block(b, dtype, fold_bn) for b in conv_blocks(module)
+    )
+    parts = (b1, red3, red5)
+    pool_w, pool_b = pool
+    w3, b3 = conv3
+    w5, b5 = conv5
     return FoldedInception(
         stem_w=torch.cat([w for w, _ in parts], 1).contiguous(),
         stem_b=torch.cat([b for _, b in parts]),
@@ -74,3 +108,100 @@ def fold_inception(module: InceptionModule, dtype: torch.dtype) -> FoldedIncepti
         k3=module.branch2[1].conv.kernel_size[0],
         k5=module.branch3[1].conv.kernel_size[0],
     )
+
+
+def pack_raw_inception(module: InceptionModule, dtype: torch.dtype) -> FoldedInception:
+    """Raw (unfolded) conv weights and conv biases, packed like the eval weights."""
+    return fold_inception(module, dtype, fold_bn=False)
+
+
+@dataclass
+class BNParams:
+    """The six BatchNorms of one module as per-channel vectors for the train kernels.
+
+    Vectors are in the accumulator dtype and split like the kernels' outputs: ``*_out`` in
+    output-channel order [c1 | c3 | c5 | cp], ``*_red`` in reduce order [r3 | r5]. Running
+    statistics stay per layer (lists in BLOCK_ORDER; None where a layer does not track them).
+    """
+
+    gamma_out: torch.Tensor
+    beta_out: torch.Tensor
+    eps_out: torch.Tensor
+    gamma_red: torch.Tensor
+    beta_red: torch.Tensor
+    eps_red: torch.Tensor
+    running_mean: list[torch.Tensor | None]
+    running_var: list[torch.Tensor | None]
+    num_batches_tracked: list[torch.Tensor | None]
+    momentum: list[float | None]
+
+    @classmethod
+    def build(
+        cls,
+        gammas: list[torch.Tensor | None],
+        betas: list[torch.Tensor | None],
+        eps: list[float],
+        running_mean: list[torch.Tensor | None],
+        running_var: list[torch.Tensor | None],
+        num_batches_tracked: list[torch.Tensor | None],
+        momentum: list[float | None],
+        channels: list[int],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> BNParams:
+        """Lists in BLOCK_ORDER; a None gamma/beta (affine=False) means 1/0."""
+        acc = accumulator_dtype(dtype)
+
+        def vector(values: list[torch.Tensor | None], fill: float, idx) -> torch.Tensor:
+            return torch.cat(
+                [
+                    torch.full((channels[i],), fill, dtype=acc, device=device)
+                    if values[i] is None
+                    else values[i].detach().to(acc)
+                    for i in idx
+                ]
+            )
+
+        def eps_vector(idx) -> torch.Tensor:
+            return torch.cat(
+                [
+                    torch.full((channels[i],), eps[i], dtype=acc, device=device)
+                    for i in idx
+                ]
+            )
+
+        out_idx, red_idx = (0, 3, 4, 5), (1, 2)
+        return cls(
+            gamma_out=vector(gammas, 1.0, out_idx),
+            beta_out=vector(betas, 0.0, out_idx),
+            eps_out=eps_vector(out_idx),
+            gamma_red=vector(gammas, 1.0, red_idx),
+            beta_red=vector(betas, 0.0, red_idx),
+            eps_red=eps_vector(red_idx),
+            running_mean=list(running_mean),
+            running_var=list(running_var),
+            num_batches_tracked=list(num_batches_tracked),
+            momentum=list(momentum),
+        )
+
+    @classmethod
+    def from_module(
+        cls, module: InceptionModule, dtype: torch.dtype
+    ) -> BNParams | None:
+        """None when the module has no BatchNorm (batch_norm=False)."""
+        blocks = conv_blocks(module)
+        if blocks[0].bn is None:
+            return None
+        bns = [b.bn for b in blocks]
+        return cls.build(
+            gammas=[bn.weight for bn in bns],
+            betas=[bn.bias for bn in bns],
+            eps=[bn.eps for bn in bns],
+            running_mean=[bn.running_mean for bn in bns],
+            running_var=[bn.running_var for bn in bns],
+            num_batches_tracked=[bn.num_batches_tracked for bn in bns],
+            momentum=[bn.momentum for bn in bns],
+            channels=[bn.num_features for bn in bns],
+            device=blocks[0].conv.weight.device,
+            dtype=dtype,
+        )

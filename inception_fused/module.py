@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .cpu import CPU_DTYPES, cpu_eval_forward
-from .folding import FoldedInception, fold_inception
+from .folding import FoldedInception, conv_blocks, fold_inception
 from .kernels.launch import interpreting
 from .ops import inception_eval_forward
 from .reference import InceptionModule
@@ -58,7 +58,7 @@ class FusedInceptionModule(InceptionModule):
         same Parameter objects, as when swapping blocks inside a model). Device, dtype,
         BN eps/momentum and train/eval mode carry over.
         """
-        blocks = _conv_blocks(module)
+        blocks = conv_blocks(module)
         convs = [b.conv for b in blocks]
         c_in = convs[0].in_channels
         sizes = [c.out_channels for c in convs]  # c1, r3, c3, r5, c5, pool
@@ -72,7 +72,7 @@ class FusedInceptionModule(InceptionModule):
                 backend=backend,
             )
         take = (lambda m: m) if share_parameters else copy.deepcopy
-        for ours, theirs in zip(_conv_blocks(fused), blocks, strict=True):
+        for ours, theirs in zip(conv_blocks(fused), blocks, strict=True):
             ours.conv = take(theirs.conv)
             ours.bn = take(theirs.bn) if batch_norm else None
         return fused.train(module.training)
@@ -116,7 +116,7 @@ class FusedInceptionModule(InceptionModule):
 
     def _has_running_stats(self) -> bool:
         return all(
-            b.bn is None or b.bn.running_mean is not None for b in _conv_blocks(self)
+            b.bn is None or b.bn.running_mean is not None for b in conv_blocks(self)
         )
 
     def _resolve_backend(self, x: torch.Tensor) -> str:
@@ -173,15 +173,3 @@ class FusedInceptionModule(InceptionModule):
                 f"input dtype {x.dtype} does not match the module's parameter dtype "
                 f"{weight.dtype}; convert one of them or use torch.autocast"
             )
-
-
-def _conv_blocks(module: nn.Module) -> list[nn.Module]:
-    """The six conv blocks in kernel order: 1x1, red3, 3x3, red5, 5x5, pool projection."""
-    return [
-        module.branch1,
-        module.branch2[0],
-        module.branch2[1],
-        module.branch3[0],
-        module.branch3[1],
-        module.branch4[1],
-    ]
