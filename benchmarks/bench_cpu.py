@@ -8,6 +8,10 @@ quantiles are printed and appended to benchmarks/results/cpu-<machine>.csv with 
 machine's description.
 
     python benchmarks/bench_cpu.py [--configs 3a 5b] [--batches 1 8] [--no-compile]
+    python benchmarks/bench_cpu.py --table [--readme README.md]   # markdown from the CSVs
+
+``--table`` renders the newest run of every results/cpu-*.csv (fused, eager and compile
+medians, speedups) and with ``--readme`` rewrites that file's CPU results section.
 """
 
 from __future__ import annotations
@@ -15,16 +19,15 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
-import re
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from common import cpu_model, git_commit, slugify
+from make_table import replace_section
 
 from inception_fused import FusedInceptionModule, InceptionModule
 from inception_fused.configs import GOOGLENET_CONFIGS
@@ -49,32 +52,8 @@ FIELDS = [
 ]
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def machine_slug(model: str, cores: int) -> str:
-    return f"{re.sub(r'[^a-z0-9]+', '-', model.lower()).strip('-')}-{cores}c"
+    return f"{slugify(model)}-{cores}c"
 
 
 def time_interleaved(
@@ -141,14 +120,72 @@ def bench_config(
         return time_interleaved(fns, min_runs, budget_s)
 
 
+CPU_BEGIN, CPU_END = "<!-- cpu-results:begin -->", "<!-- cpu-results:end -->"
+
+
+def results_table() -> str:
+    """Markdown table of the newest run (latest time_utc) in each results/cpu-*.csv."""
+    out = []
+    for path in sorted(RESULTS.glob("cpu-*.csv")):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        newest = max(r["time_utc"] for r in rows)
+        rows = [r for r in rows if r["time_utc"] == newest]
+        first = rows[0]
+        out += [
+            (
+                f"{first['cpu']}, {first['cores']} cores, {first['threads']} threads, torch "
+                f"{first['torch']}, commit {first['commit']}, {first['dtype']}, eval, "
+                f"median ms [q20, q80] over {min(int(r['runs']) for r in rows)}+ runs:"
+            ),
+            "",
+            "| config | batch | fused | eager | torch.compile | vs eager | vs compile |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        points: dict[tuple[str, str], dict[str, dict[str, str]]] = {}
+        for r in rows:
+            points.setdefault((r["config"], r["batch"]), {})[r["method"]] = r
+        for (config, batch), m in points.items():
+
+            def ms(method: str, m=m) -> str:
+                if method not in m:
+                    return "-"
+                r = m[method]
+                return f"{float(r['median_ms']):.2f} [{float(r['q20_ms']):.2f}, {float(r['q80_ms']):.2f}]"
+
+            fused = float(m["fused"]["median_ms"])
+            vs_compile = (
+                f"{float(m['compile']['median_ms']) / fused:.2f}x"
+                if "compile" in m
+                else "-"
+            )
+            out.append(
+                f"| {config} | {batch} | {ms('fused')} | {ms('eager')} | {ms('compile')} "
+                f"| {float(m['fused']['speedup_vs_eager']):.2f}x | {vs_compile} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--table", action="store_true", help="render results, no runs")
+    parser.add_argument(
+        "--readme", help="with --table: file whose CPU section to rewrite"
+    )
     parser.add_argument("--configs", nargs="+", default=list(GOOGLENET_CONFIGS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--min-runs", type=int, default=30)
     parser.add_argument("--budget-s", type=float, default=1.5, help="per config/batch")
     args = parser.parse_args()
+    if args.table:
+        text = results_table()
+        if args.readme and replace_section(args.readme, text, CPU_BEGIN, CPU_END):
+            print(f"wrote the CPU results section of {args.readme}")
+        else:
+            print(text)
+        return
 
     model, cores = cpu_model(), os.cpu_count() or 1
     meta = {

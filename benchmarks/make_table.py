@@ -213,13 +213,16 @@ def render(rows: list[dict[str, str]]) -> str:
     return "\n".join(out)
 
 
-def replace_section(readme: Path, text: str) -> bool:
+def replace_section(
+    readme: Path | str, text: str, begin_mark: str = BEGIN, end_mark: str = END
+) -> bool:
     """Rewrite the marked section of ``readme``; False when it has no markers."""
+    readme = Path(readme)
     content = readme.read_text() if readme.exists() else ""
-    begin, end = content.find(BEGIN), content.find(END)
+    begin, end = content.find(begin_mark), content.find(end_mark)
     if begin < 0 or end < begin:
         return False
-    head = content[: begin + len(BEGIN)]
+    head = content[: begin + len(begin_mark)]
     readme.write_text(f"{head}\n{text}\n{content[end:]}")
     return True
 
