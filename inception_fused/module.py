@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cpu import CPU_DTYPES, cpu_eval_forward
+from .cpu import CPU_DTYPES
 from .folding import FoldedInception, conv_blocks, fold_inception
 from .kernels.launch import interpreting
-from .ops import inception_eval_forward
+from .library import eval_forward
 from .reference import InceptionModule
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -97,6 +97,16 @@ class FusedInceptionModule(InceptionModule):
         state["_fold_cache"] = None  # never pickle derived weights: they would go stale
         return state
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on every submodule before compiling any of them.
+        raise RuntimeError(
+            "FusedInceptionModule does not support torch.jit.script: its kernels are "
+            "registered as a torch.library custom op (inception_fused::eval_forward) for "
+            "torch.compile and torch.export, which replace TorchScript. Use "
+            "torch.compile(model) or torch.export.export(model, ...), or script the plain "
+            "PyTorch model from inception_fused.unfuse_googlenet / to_reference."
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         backend = self._resolve_backend(x)
@@ -110,9 +120,11 @@ class FusedInceptionModule(InceptionModule):
             or not self._has_running_stats()
         ):
             return super().forward(x)
-        if backend == "cpu":
-            return cpu_eval_forward(x, self.folded(x.dtype))
-        return inception_eval_forward(x, self.folded(x.dtype))
+        if torch.compiler.is_compiling():
+            # A traced graph cannot check the cache key (storage addresses): fold inside
+            # the graph instead (Inductor's freezing turns it into constants).
+            return eval_forward(x, fold_inception(self, x.dtype), backend)
+        return eval_forward(x, self.folded(x.dtype), backend)
 
     def _has_running_stats(self) -> bool:
         return all(
