@@ -113,6 +113,10 @@ class FusedInceptionModule(InceptionModule):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
+        if self.training and self._syncs_batch_stats():
+            # nn.SyncBatchNorm.convert_sync_batchnorm swapped our BNs: batch statistics
+            # shared across processes exist only in the reference math.
+            return super().forward(x)
         if (
             backend == "reference"
             or self.training
@@ -125,6 +129,9 @@ class FusedInceptionModule(InceptionModule):
             # the graph instead (Inductor's freezing turns it into constants).
             return eval_forward(x, fold_inception(self, x.dtype), backend)
         return eval_forward(x, self.folded(x.dtype), backend)
+
+    def _syncs_batch_stats(self) -> bool:
+        return any(isinstance(b.bn, nn.SyncBatchNorm) for b in conv_blocks(self))
 
     def _has_running_stats(self) -> bool:
         return all(
