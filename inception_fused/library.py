@@ -12,8 +12,6 @@ module output, so Inductor has nothing to fuse into them, and an opaque op keeps
 implementation for the Triton and C++ backends.
 """
 
-from __future__ import annotations
-
 import torch
 
 from .cpu import cpu_eval_forward, load_extension, winograd_transform, winograd_weights
@@ -42,19 +40,28 @@ def _eval_forward_op(
     winograd_w3: torch.Tensor | None = None,
     winograd_w5: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    f = FoldedInception(stem_w, stem_b, pool_w, pool_b, w3, b3, w5, b5, c1, r3, k3, k5)
-    if backend == "cpu":
-        # A traced graph folds per call and passes no transform: make it here (cheap next
-        # to the convs). Eager callers pass the one cached with their fold.
-        ext = load_extension()
-        if winograd_w3 is None:
-            winograd_w3 = winograd_transform(ext, w3, k3)
-        if winograd_w5 is None:
-            winograd_w5 = winograd_transform(ext, w5, k5)
-        return cpu_eval_forward(x, f, (winograd_w3, winograd_w5))
-    if backend != "triton":
+    """Eval-mode Inception over BN-folded, packed weights; channels_last output.
+
+    ``backend``: ``"triton"`` (the two Triton launches) or ``"cpu"`` (the C++ backend).
+    ``winograd_w3``/``winograd_w5``: the C++ backend's F(2x2, 3x3) transforms of 3x3
+    branch weights, made here when not given.
+    """
+    if backend not in OP_BACKENDS:
         raise ValueError(f"backend must be one of {OP_BACKENDS}, got {backend!r}")
-    return inception_eval_forward(x, f)
+    # The kernels index the packed weights as dense matrices; a compiled graph may hand
+    # them over in another layout.
+    weights = (t.contiguous() for t in (stem_w, stem_b, pool_w, pool_b, w3, b3, w5, b5))
+    f = FoldedInception(*weights, c1, r3, k3, k5)
+    if backend == "triton":
+        return inception_eval_forward(x, f)
+    # A traced graph folds per call and passes no transform: make it here (cheap next to
+    # the convs). Eager callers pass the one cached with their fold.
+    ext = load_extension()
+    if winograd_w3 is None:
+        winograd_w3 = winograd_transform(ext, f.w3, k3)
+    if winograd_w5 is None:
+        winograd_w5 = winograd_transform(ext, f.w5, k5)
+    return cpu_eval_forward(x, f, (winograd_w3, winograd_w5))
 
 
 @_eval_forward_op.register_fake
