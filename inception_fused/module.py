@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -97,7 +97,7 @@ class FusedInceptionModule(InceptionModule):
         state["_fold_cache"] = None  # never pickle derived weights: they would go stale
         return state
 
-    def __prepare_scriptable__(self) -> nn.Module:
+    def __prepare_scriptable__(self) -> NoReturn:
         # torch.jit.script calls this on every submodule before compiling any of them.
         raise RuntimeError(
             "FusedInceptionModule does not support torch.jit.script: its kernels are "

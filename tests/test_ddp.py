@@ -1,8 +1,9 @@
 """DistributedDataParallel: two CPU processes (gloo), fused GoogLeNet vs torchvision's.
 
 Each process trains both models on its own data for a few steps and checks, step by step,
-that the fused model's gradients, parameters and BN buffers equal the reference's. On GPUs
-the same code runs with backend="nccl" and one device per process.
+that the fused model's gradients, parameters and BN buffers equal the reference's. (On
+GPUs the same training code runs under init_process_group("nccl"), one device per
+process; that is not tested here.)
 """
 
 import pytest
