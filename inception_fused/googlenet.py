@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -68,7 +69,9 @@ class TorchvisionFusedInception(FusedInceptionModule):
         )
 
 
-def _swap_blocks(model: nn.Module, swap, kinds: tuple[type, ...]) -> int:
+def _swap_blocks(
+    model: nn.Module, swap: Callable[[nn.Module], nn.Module], kinds: tuple[type, ...]
+) -> int:
     """Replace every submodule that is an instance of ``kinds`` by ``swap(submodule)``."""
     swapped = 0
     for parent in list(model.modules()):
