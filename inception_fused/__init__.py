@@ -1,6 +1,25 @@
 """GoogLeNet's Inception module as a few fused Triton kernels, drop-in for PyTorch."""
 
+from .googlenet import (
+    AUX_LOSS_WEIGHT,
+    TorchvisionFusedInception,
+    fuse_googlenet,
+    googlenet,
+    googlenet_loss,
+    to_reference,
+    unfuse_googlenet,
+)
 from .module import FusedInceptionModule
 from .reference import InceptionModule
 
-__all__ = ["FusedInceptionModule", "InceptionModule"]
+__all__ = [
+    "AUX_LOSS_WEIGHT",
+    "FusedInceptionModule",
+    "InceptionModule",
+    "TorchvisionFusedInception",
+    "fuse_googlenet",
+    "googlenet",
+    "googlenet_loss",
+    "to_reference",
+    "unfuse_googlenet",
+]

@@ -34,32 +34,41 @@ def load_extension() -> ModuleType:
     return _extension
 
 
+def winograd_transform(ext: ModuleType, w: torch.Tensor, k: int) -> torch.Tensor | None:
+    """F(2x2, 3x3)-transformed packed weights of a 3x3 branch; None for other kernels."""
+    return ext.winograd_weights(w) if k == 3 else None
+
+
 def winograd_weights(
     ext: ModuleType, f: FoldedInception
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """F(2x2, 3x3)-transformed weights of the branches with a 3x3 kernel (None for others)."""
+    """Both branches' Winograd weights (None where not 3x3), cached per fold."""
     key = id(f)
     if key not in _winograd_cache:
-        r5 = f.stem_w.shape[1] - f.c1 - f.r3
         _winograd_cache[key] = (
-            ext.winograd_weights(f.w3) if f.k3 == 3 else None,
-            ext.winograd_weights(f.w5) if f.k5 == 3 and r5 > 0 else None,
+            winograd_transform(ext, f.w3, f.k3),
+            winograd_transform(ext, f.w5, f.k5),
         )
         weakref.finalize(f, _winograd_cache.pop, key, None)
     return _winograd_cache[key]
 
 
-def cpu_eval_forward(x: torch.Tensor, f: FoldedInception) -> torch.Tensor:
+def cpu_eval_forward(
+    x: torch.Tensor,
+    f: FoldedInception,
+    winograd: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+) -> torch.Tensor:
     """Eval-mode Inception (BN folded) on CPU in two OpenMP steps; channels_last output.
 
     Step 1 reads x once per pixel block: the three 1x1 convs as one GEMM (branch 1 into
     its output slice, the reduce outputs into zero-bordered scratch maps) and the max-pool
     fused into the pool projection. Step 2 runs the 3x3 convs as Winograd F(2x2, 3x3) and
     other kernel sizes as implicit GEMMs over those maps. Every branch is written into its
-    slice of one output.
+    slice of one output. ``winograd``: the 3x3 branches' transformed weights (default:
+    :func:`winograd_weights` of ``f``, cached).
     """
     ext = load_extension()
-    w3, w5 = winograd_weights(ext, f)
+    w3, w5 = winograd if winograd is not None else winograd_weights(ext, f)
     return ext.eval_forward(
         x,
         f.stem_w,

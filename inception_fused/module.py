@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
 
-from .cpu import CPU_DTYPES, cpu_eval_forward
+from .cpu import CPU_DTYPES
 from .folding import FoldedInception, conv_blocks, fold_inception
 from .kernels.launch import interpreting
-from .ops import inception_eval_forward
+from .library import eval_forward
 from .reference import InceptionModule
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -97,12 +97,26 @@ class FusedInceptionModule(InceptionModule):
         state["_fold_cache"] = None  # never pickle derived weights: they would go stale
         return state
 
+    def __prepare_scriptable__(self) -> NoReturn:
+        # torch.jit.script calls this on every submodule before compiling any of them.
+        raise RuntimeError(
+            "FusedInceptionModule does not support torch.jit.script: its kernels are "
+            "registered as a torch.library custom op (inception_fused::eval_forward) for "
+            "torch.compile and torch.export, which replace TorchScript. Use "
+            "torch.compile(model) or torch.export.export(model, ...), or script the plain "
+            "PyTorch model from inception_fused.unfuse_googlenet / to_reference."
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         backend = self._resolve_backend(x)
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
+        if self.training and self._syncs_batch_stats():
+            # nn.SyncBatchNorm.convert_sync_batchnorm swapped our BNs: batch statistics
+            # shared across processes exist only in the reference math.
+            return super().forward(x)
         if (
             backend == "reference"
             or self.training
@@ -110,9 +124,14 @@ class FusedInceptionModule(InceptionModule):
             or not self._has_running_stats()
         ):
             return super().forward(x)
-        if backend == "cpu":
-            return cpu_eval_forward(x, self.folded(x.dtype))
-        return inception_eval_forward(x, self.folded(x.dtype))
+        if torch.compiler.is_compiling():
+            # A traced graph cannot check the cache key (storage addresses): fold inside
+            # the graph instead (Inductor's freezing turns it into constants).
+            return eval_forward(x, fold_inception(self, x.dtype), backend)
+        return eval_forward(x, self.folded(x.dtype), backend)
+
+    def _syncs_batch_stats(self) -> bool:
+        return any(isinstance(b.bn, nn.SyncBatchNorm) for b in conv_blocks(self))
 
     def _has_running_stats(self) -> bool:
         return all(

@@ -1,0 +1,104 @@
+"""The eval forward as a torch.library custom op, ``inception_fused::eval_forward``.
+
+Registering it lets ``torch.compile`` (``fullgraph=True``), ``torch.export`` and FakeTensor
+tracing treat a fused Inception block as one opaque operator with a known output, instead
+of breaking the graph at the kernel launches. The op takes the BN-folded weights
+(:class:`~inception_fused.folding.FoldedInception`) and the backend, and runs the two
+Triton launches (CUDA tensors, or CPU tensors through the interpreter) or the C++ CPU
+backend.
+
+It is a ``custom_op`` rather than a ``triton_op``: our kernels already write the whole
+module output, so Inductor has nothing to fuse into them, and an opaque op keeps one
+implementation for the Triton and C++ backends.
+"""
+
+import torch
+
+from .cpu import cpu_eval_forward, load_extension, winograd_transform, winograd_weights
+from .folding import FoldedInception
+from .ops import inception_eval_forward
+
+OP_BACKENDS = ("triton", "cpu")
+
+
+@torch.library.custom_op("inception_fused::eval_forward", mutates_args=())
+def _eval_forward_op(
+    x: torch.Tensor,
+    stem_w: torch.Tensor,
+    stem_b: torch.Tensor,
+    pool_w: torch.Tensor,
+    pool_b: torch.Tensor,
+    w3: torch.Tensor,
+    b3: torch.Tensor,
+    w5: torch.Tensor,
+    b5: torch.Tensor,
+    c1: int,
+    r3: int,
+    k3: int,
+    k5: int,
+    backend: str,
+    winograd_w3: torch.Tensor | None = None,
+    winograd_w5: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Eval-mode Inception over BN-folded, packed weights; channels_last output.
+
+    ``backend``: ``"triton"`` (the two Triton launches) or ``"cpu"`` (the C++ backend).
+    ``winograd_w3``/``winograd_w5``: the C++ backend's F(2x2, 3x3) transforms of 3x3
+    branch weights, made here when not given.
+    """
+    if backend not in OP_BACKENDS:
+        raise ValueError(f"backend must be one of {OP_BACKENDS}, got {backend!r}")
+    # The kernels index the packed weights as dense matrices; a compiled graph may hand
+    # them over in another layout.
+    weights = (t.contiguous() for t in (stem_w, stem_b, pool_w, pool_b, w3, b3, w5, b5))
+    f = FoldedInception(*weights, c1, r3, k3, k5)
+    if backend == "triton":
+        return inception_eval_forward(x, f)
+    # A traced graph folds per call and passes no transform: make it here (cheap next to
+    # the convs). Eager callers pass the one cached with their fold.
+    ext = load_extension()
+    if winograd_w3 is None:
+        winograd_w3 = winograd_transform(ext, f.w3, k3)
+    if winograd_w5 is None:
+        winograd_w5 = winograd_transform(ext, f.w5, k5)
+    return cpu_eval_forward(x, f, (winograd_w3, winograd_w5))
+
+
+@_eval_forward_op.register_fake
+def _(x, stem_w, stem_b, pool_w, pool_b, w3, b3, w5, b5, c1, r3, k3, k5, backend, *_):
+    n, _, h, w = x.shape
+    c_out = c1 + w3.shape[1] + w5.shape[1] + pool_w.shape[1]
+    return torch.empty(
+        (n, c_out, h, w),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=torch.channels_last,
+    )
+
+
+def eval_forward(x: torch.Tensor, f: FoldedInception, backend: str) -> torch.Tensor:
+    """Eval-mode Inception through the custom op; channels_last output.
+
+    ``backend`` is ``"triton"`` or ``"cpu"`` (the C++ backend, which then gets the cached
+    Winograd transform of ``f`` unless a graph is being traced).
+    """
+    winograd = (None, None)
+    if backend == "cpu" and not torch.compiler.is_compiling():
+        winograd = winograd_weights(load_extension(), f)
+    return _eval_forward_op(
+        x,
+        f.stem_w,
+        f.stem_b,
+        f.pool_w,
+        f.pool_b,
+        f.w3,
+        f.b3,
+        f.w5,
+        f.b5,
+        f.c1,
+        f.r3,
+        f.k3,
+        f.k5,
+        backend,
+        *winograd,
+    )
