@@ -22,6 +22,7 @@ Weight gradients go through torch (matmul / aten.convolution_backward) on views 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,21 @@ class InceptionGrads:
     conv_bias: list[torch.Tensor | None]
     bn_weight: list[torch.Tensor | None]
     bn_bias: list[torch.Tensor | None]
+
+
+class FlatGrads(NamedTuple):
+    """The gradients as computed, one tensor per GEMM or reduction (none aliases another):
+    what the autograd op returns; split_grads views them per layer."""
+
+    grad_x: torch.Tensor | None
+    stem_w: torch.Tensor  # [c1 + r3 + r5, C_in]
+    w3: torch.Tensor  # [c3, r3, k3, k3]
+    w5: torch.Tensor
+    pool_w: torch.Tensor  # [cp, C_in]
+    sum_dy_out: torch.Tensor  # [C_out] column sums of dy' and dy' * xhat
+    sum_dyx_out: torch.Tensor
+    sum_dy_red: torch.Tensor  # [r3 + r5]
+    sum_dyx_red: torch.Tensor
 
 
 @triton.jit
@@ -517,7 +533,7 @@ def _conv_weight_grad(
     return grad_w
 
 
-def train_backward(
+def train_backward_flat(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     w: FoldedInception,
@@ -525,8 +541,8 @@ def train_backward(
     batch_stats: bool,
     saved: TrainForward,
     needs_input_grad: bool = True,
-) -> InceptionGrads:
-    """Gradients of one Inception module's train-mode (or frozen-BN) forward.
+) -> FlatGrads:
+    """Gradients of one Inception module's train-mode (or frozen-BN) forward, unsplit.
 
     grad_out [N, C_out, H, W] and x may have any strides. ``needs_input_grad=False`` skips
     grad_x (the first layer of a network).
@@ -599,11 +615,7 @@ def train_backward(
 
     # Weight grads: views of G against x, the pooled x and the recomputed reduce activations.
     rows = x.permute(0, 2, 3, 1).reshape(m, c_in)
-    grad_stem = (
-        g[:, :col3].t() @ rows
-    )  # [c1 + r, C_in]: row slices are the three 1x1 grads
     pooled = F.max_pool2d(x, 3, 1, 1).permute(0, 2, 3, 1).reshape(m, c_in)
-    grad_pool = g[:, pool_col:].t() @ pooled
     z_red = saved.z_red
     if bn is None:
         a_red = torch.relu(z_red)
@@ -615,19 +627,26 @@ def train_backward(
     nchw = (0, 3, 1, 2)
     a_red = a_red.view(n, h, wd, r).permute(nchw)
     g4 = g.view(n, h, wd, gc).permute(nchw)
-    grad_w3 = _conv_weight_grad(g4[:, col3 : col3 + c3], a_red[:, :r3], w.w3, k3)
-    grad_w5 = _conv_weight_grad(g4[:, col3 + c3 : pool_col], a_red[:, r3:], w.w5, k5)
-    r5_end = c1 + r
-    conv_weight = [
-        grad_stem[:c1].view(c1, c_in, 1, 1),
-        grad_stem[c1 : c1 + r3].view(r3, c_in, 1, 1),
-        grad_stem[c1 + r3 : r5_end].view(r - r3, c_in, 1, 1),
-        grad_w3,
-        grad_w5,
-        grad_pool.view(cp, c_in, 1, 1),
-    ]
+    return FlatGrads(
+        grad_x=grad_x,
+        stem_w=g[:, :col3].t() @ rows,
+        w3=_conv_weight_grad(g4[:, col3 : col3 + c3], a_red[:, :r3], w.w3, k3),
+        w5=_conv_weight_grad(g4[:, col3 + c3 : pool_col], a_red[:, r3:], w.w5, k5),
+        pool_w=g[:, pool_col:].t() @ pooled,
+        sum_dy_out=sums_out[0],
+        sum_dyx_out=sums_out[1],
+        sum_dy_red=sums_red[0],
+        sum_dyx_red=sums_red[1],
+    )
 
-    # Per-layer vectors: the column sums are dbeta (or the conv bias grad) and dgamma.
+
+def split_grads(flat: FlatGrads, w: FoldedInception, has_bn: bool) -> InceptionGrads:
+    """Per-layer views (no copies) of the flat gradients, in BLOCK_ORDER."""
+    c1, r3 = w.c1, w.r3
+    c3, c5 = w.w3.shape[1], w.w5.shape[1]
+    c_in = w.stem_w.shape[0]
+    stem = flat.stem_w
+
     def per_layer(out: torch.Tensor, red: torch.Tensor) -> list[torch.Tensor]:
         return [
             out[:c1],
@@ -638,8 +657,31 @@ def train_backward(
             out[c1 + c3 + c5 :],
         ]
 
-    sum_dy = per_layer(sums_out[0], sums_red[0])
-    sum_dyx = per_layer(sums_out[1], sums_red[1])
-    if bn is None:
-        return InceptionGrads(grad_x, conv_weight, sum_dy, [None] * 6, [None] * 6)
-    return InceptionGrads(grad_x, conv_weight, [None] * 6, sum_dyx, sum_dy)
+    conv_weight = [
+        stem[:c1].view(c1, c_in, 1, 1),
+        stem[c1 : c1 + r3].view(r3, c_in, 1, 1),
+        stem[c1 + r3 :].view(-1, c_in, 1, 1),
+        flat.w3,
+        flat.w5,
+        flat.pool_w.view(-1, c_in, 1, 1),
+    ]
+    # The column sums are dbeta (or, without BN, the conv bias grad) and dgamma.
+    sum_dy = per_layer(flat.sum_dy_out, flat.sum_dy_red)
+    if not has_bn:
+        return InceptionGrads(flat.grad_x, conv_weight, sum_dy, [None] * 6, [None] * 6)
+    sum_dyx = per_layer(flat.sum_dyx_out, flat.sum_dyx_red)
+    return InceptionGrads(flat.grad_x, conv_weight, [None] * 6, sum_dyx, sum_dy)
+
+
+def train_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    w: FoldedInception,
+    bn: BNParams | None,
+    batch_stats: bool,
+    saved: TrainForward,
+    needs_input_grad: bool = True,
+) -> InceptionGrads:
+    """Gradients of one Inception module's train-mode (or frozen-BN) forward, per layer."""
+    flat = train_backward_flat(grad_out, x, w, bn, batch_stats, saved, needs_input_grad)
+    return split_grads(flat, w, bn is not None)
