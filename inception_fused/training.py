@@ -131,7 +131,12 @@ def _(
     n, _, h, w = x.shape
     c_out = sum(conv_weights[i].shape[0] for i in (0, 3, 4, 5))
     c_red = conv_weights[1].shape[0] + conv_weights[2].shape[0]
-    out = x.new_empty((n, c_out, h, w), memory_format=torch.channels_last)
+    out = torch.empty(
+        (n, c_out, h, w),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=torch.channels_last,
+    )
     acc = accumulator_dtype(x.dtype)
     stats = [
         x.new_empty((c if eps else 0,), dtype=acc) for c in (c_out, c_out, c_red, c_red)
@@ -173,6 +178,8 @@ def _train_backward_op(
             grad_out.to(x.dtype), x, w, bn, batch_stats, saved, needs_input_grad
         )
     grad_x = flat.grad_x if needs_input_grad else x.new_empty(0)
+    # aten picks the conv weight grads' memory format; the op promises contiguous ones.
+    flat = flat._replace(w3=flat.w3.contiguous(), w5=flat.w5.contiguous())
     return [grad_x, *flat[1:]]
 
 
