@@ -236,3 +236,22 @@ def test_autocast(dtype):
     out.float().sum().backward()
     assert x.grad.dtype == torch.float32
     assert all(p.grad.dtype == torch.float32 for p in fused.parameters())
+
+
+def test_saves_only_pre_bn_outputs_for_backward():
+    # Besides x and the parameters, autograd keeps z_out, z_red and four stat vectors.
+    fused, ref = pair()
+    x = torch.randn(2, 20, 5, 5, device=DEVICE, requires_grad=True)
+    keep = {p.untyped_storage().data_ptr() for p in fused.parameters()}
+    keep.add(x.untyped_storage().data_ptr())
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in keep:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fused(x)
+    m, c_out, c_red = 2 * 5 * 5, ref.out_channels, 5 + 3
+    assert sum(saved.values()) == 4 * (m * (c_out + c_red) + 2 * (c_out + c_red))
