@@ -120,14 +120,6 @@ def test_bn_layers_in_mixed_modes_match_reference():
     assert_same_step(fused, ref, torch.randn(2, 20, 5, 5, device=DEVICE))
 
 
-def test_ties_in_max_pool_after_relu():
-    # Inputs after a ReLU are full of equal zeros (and here equal small integers): the
-    # pool gradient must go to the first maximum in raster order, as max_pool2d's does.
-    fused, ref = pair()
-    x = torch.relu(torch.randint(-3, 3, (2, 20, 6, 5), device=DEVICE).float())
-    assert_same_step(fused, ref, x)
-
-
 def test_single_value_per_channel_raises():
     fused, _ = pair()
     with pytest.raises(ValueError, match="more than 1 value per channel"):
