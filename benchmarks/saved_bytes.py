@@ -12,10 +12,12 @@ import sys
 
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: the fused op runs in the interpreter
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu":  # the fused op's kernels run in Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from inception_fused import FusedInceptionModule, InceptionModule  # noqa: E402
-from inception_fused.configs import GOOGLENET_CONFIGS  # noqa: E402
+from inception_fused import FusedInceptionModule, InceptionModule
+from inception_fused.configs import GOOGLENET_CONFIGS
 
 
 def saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
@@ -47,10 +49,13 @@ def main() -> None:
     name = sys.argv[1] if len(sys.argv) > 1 else "3a"
     batch = int(sys.argv[2]) if len(sys.argv) > 2 else 32
     cfg = GOOGLENET_CONFIGS[name]
-    ref = InceptionModule(*cfg.channels).train()
+    ref = InceptionModule(*cfg.channels).to(DEVICE).train()
     fused = FusedInceptionModule.from_module(ref, backend="triton").train()
-    x = torch.randn(batch, cfg.in_channels, cfg.spatial, cfg.spatial, requires_grad=True)
-    print(f"config {name}, batch {batch}, {cfg.spatial}x{cfg.spatial}, float32")
+    side = cfg.spatial
+    x = torch.randn(
+        batch, cfg.in_channels, side, side, device=DEVICE, requires_grad=True
+    )
+    print(f"config {name}, batch {batch}, {side}x{side}, float32, {DEVICE.type}")
     for label, module in (("eager", ref), ("fused", fused)):
         totals = saved_bytes(module, x)
         parts = ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sorted(totals.items()))
