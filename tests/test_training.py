@@ -7,7 +7,11 @@ from conftest import DEVICE, ON_GPU, assert_close, make_reference
 
 from inception_fused import FusedInceptionModule
 from inception_fused.configs import GOOGLENET_CONFIGS
-from inception_fused.training import _train_backward_op, _train_forward_op
+from inception_fused.training import (
+    _train_backward_op,
+    _train_forward_op,
+    fused_train_forward,
+)
 
 SMALL = (20, 6, 5, 10, 3, 7, 4)  # in, c1, r3, c3, r5, c5, pool: none a multiple of 16
 BATCH = 4 if ON_GPU else 2
@@ -247,3 +251,19 @@ def test_saves_only_pre_bn_outputs_for_backward():
         fused(x)
     m, c_out, c_red = 2 * 5 * 5, ref.out_channels, 5 + 3
     assert sum(saved.values()) == 4 * (m * (c_out + c_red) + 2 * (c_out + c_red))
+
+
+def test_torch_compile_fullgraph_train_step():
+    # The op pair and its autograd.Function trace without a graph break, backward included.
+    fused, ref = pair()
+    step = torch.compile(
+        lambda x: fused_train_forward(fused, x, batch_stats=True), fullgraph=True
+    )
+    x = torch.randn(2, 20, 5, 5, device=DEVICE)
+    grad_out = torch.randn(2, 27, 5, 5, device=DEVICE)
+    out, gx = forward_backward(step, x, grad_out)
+    expected, gx_expected = forward_backward(ref, x, grad_out)
+    assert_close(out, expected)
+    assert_close(gx, gx_expected)
+    assert_close(fused.branch2[1].conv.weight.grad, ref.branch2[1].conv.weight.grad)
+    assert_close(fused.branch3[0].bn.running_var, ref.branch3[0].bn.running_var)

@@ -21,6 +21,7 @@ Weight gradients go through torch (matmul / aten.convolution_backward) on views 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -603,6 +604,8 @@ def train_backward_flat(
     if needs_input_grad:
         grad_x = torch.empty_like(x)
         cfg = tile_config(dtype, m, c_in, max(col3, cp), on_gpu)
+        if on_gpu:  # four [BLOCK_M, BLOCK_N] tiles live at once (acc, dpooled, argmax)
+            cfg = dataclasses.replace(cfg, block_m=min(cfg.block_m, 64))
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(c_in, cfg.block_n))
         input_grad_kernel[grid](
             g, gc, col3, pool_col, cp, w.stem_w.t().contiguous(),
