@@ -100,12 +100,13 @@ def _train_forward_op(
     momentum: list[float],
     cumulative: list[bool],
     batch_stats: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(out, z_out, z_red, mean_out, invstd_out, mean_red, invstd_red).
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, z_out, z_red, stats): stats = [mean_out | invstd_out | mean_red | invstd_red]
+    in one vector (outputs of an op may not alias one another), empty without BN.
 
     Per-layer lists in BLOCK_ORDER. ``eps`` empty: no BatchNorm (batch_norm=False).
     Running-stat lists: six tensors, or empty when the BNs do not track running stats.
-    Statistics are empty tensors without BatchNorm. ``cumulative[i]``: momentum=None.
+    ``cumulative[i]``: momentum=None.
     """
     momenta = [None if c else m for m, c in zip(momentum, cumulative, strict=True)]
     running = (running_mean, running_var, num_batches_tracked) if running_mean else None
@@ -115,12 +116,11 @@ def _train_forward_op(
             conv_weights, bn_weights, bn_biases, eps, running, momenta, x.dtype
         )
         f = train_forward(x, w, bn, batch_stats)
-    acc = accumulator_dtype(x.dtype)
-    stats = [
-        x.new_empty(0, dtype=acc) if t is None else t
-        for t in (f.mean_out, f.invstd_out, f.mean_red, f.invstd_red)
-    ]
-    return (f.out, f.z_out, f.z_red, *stats)
+    if bn is None:
+        stats = x.new_empty(0, dtype=accumulator_dtype(x.dtype))
+    else:
+        stats = torch.cat([f.mean_out, f.invstd_out, f.mean_red, f.invstd_red])
+    return f.out, f.z_out, f.z_red, stats
 
 
 @_train_forward_op.register_fake
@@ -137,15 +137,12 @@ def _(
         device=x.device,
         memory_format=torch.channels_last,
     )
-    acc = accumulator_dtype(x.dtype)
-    stats = [
-        x.new_empty((c if eps else 0,), dtype=acc) for c in (c_out, c_out, c_red, c_red)
-    ]
+    stats = x.new_empty((2 * (c_out + c_red) if eps else 0,))
     return (
         out,
         x.new_empty((n * h * w, c_out)),
         x.new_empty((n * h * w, c_red)),
-        *stats,
+        stats.to(accumulator_dtype(x.dtype)),
     )
 
 
@@ -159,10 +156,7 @@ def _train_backward_op(
     eps: list[float],
     z_out: Tensor,
     z_red: Tensor,
-    mean_out: Tensor,
-    invstd_out: Tensor,
-    mean_red: Tensor,
-    invstd_red: Tensor,
+    stats: Tensor,
     batch_stats: bool,
     needs_input_grad: bool,
 ) -> list[Tensor]:
@@ -172,8 +166,9 @@ def _train_backward_op(
         bn = _bn_params(
             conv_weights, bn_weights, bn_biases, eps, None, [None] * 6, x.dtype
         )
-        stats = (mean_out, invstd_out, mean_red, invstd_red) if eps else (None,) * 4
-        saved = TrainForward(None, z_out, z_red, *stats)  # out: unused by the backward
+        c_out, c_red = z_out.shape[1], z_red.shape[1]
+        vectors = stats.split([c_out, c_out, c_red, c_red]) if eps else (None,) * 4
+        saved = TrainForward(None, z_out, z_red, *vectors)  # out: unused here
         flat = train_backward_flat(
             grad_out.to(x.dtype), x, w, bn, batch_stats, saved, needs_input_grad
         )
@@ -185,8 +180,8 @@ def _train_backward_op(
 
 @_train_backward_op.register_fake
 def _(
-    grad_out, x, conv_weights, bn_weights, bn_biases, eps, z_out, z_red, mean_out,
-    invstd_out, mean_red, invstd_red, batch_stats, needs_input_grad,
+    grad_out, x, conv_weights, bn_weights, bn_biases, eps, z_out, z_red, stats,
+    batch_stats, needs_input_grad,
 ):  # fmt: skip
     c_in = x.shape[1]
     c_stem = sum(conv_weights[i].shape[0] for i in range(3))
@@ -223,13 +218,13 @@ class _InceptionTrain(torch.autograd.Function):
         conv_weights, conv_biases = list(params[0:6]), list(params[6:12])
         bn_weights, bn_biases = list(params[12:18]), list(params[18:24])
         has_bn = bool(bn["eps"])
-        out, z_out, z_red, *stats = _train_forward_op(
+        out, z_out, z_red, stats = _train_forward_op(
             x, conv_weights, conv_biases,
             bn_weights if has_bn else [], bn_biases if has_bn else [],
             bn["running_mean"], bn["running_var"], bn["num_batches_tracked"],
             bn["eps"], bn["momentum"], bn["cumulative"], bn["batch_stats"],
         )  # fmt: skip
-        ctx.save_for_backward(x, *params, z_out, z_red, *stats)
+        ctx.save_for_backward(x, *params, z_out, z_red, stats)
         ctx.eps = bn["eps"]
         ctx.batch_stats = bn["batch_stats"]
         return out
@@ -237,7 +232,7 @@ class _InceptionTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple:
         x, *params = ctx.saved_tensors
-        params, (z_out, z_red, *stats) = params[:24], params[24:]
+        params, (z_out, z_red, stats) = params[:24], params[24:]
         conv_weights = params[0:6]
         has_bn = bool(ctx.eps)
         bn_weights = params[12:18] if has_bn else []
@@ -246,7 +241,7 @@ class _InceptionTrain(torch.autograd.Function):
         flat = FlatGrads(
             *_train_backward_op(
                 grad_out, x, conv_weights, bn_weights, bn_biases, ctx.eps, z_out,
-                z_red, *stats, ctx.batch_stats, needs_x,
+                z_red, stats, ctx.batch_stats, needs_x,
             )
         )  # fmt: skip
         grads = split_grads(

@@ -210,12 +210,12 @@ def _op_args(train: bool):
 def test_opcheck(train):
     x, weights, args = _op_args(train)
     torch.library.opcheck(_train_forward_op, args)
-    out, z_out, z_red, *stats = _train_forward_op(*args)
+    out, z_out, z_red, stats = _train_forward_op(*args)
     bn_weights, bn_biases, eps = args[3], args[4], args[8]
     torch.library.opcheck(
         _train_backward_op,
         (torch.randn_like(out), x, weights, bn_weights, bn_biases, eps, z_out, z_red,
-         *stats, train, True),
+         stats, train, True),
     )  # fmt: skip
 
 

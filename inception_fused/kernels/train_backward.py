@@ -554,6 +554,10 @@ def train_backward_flat(
     r = w.stem_w.shape[1] - c1
     c3, c5, cp = w.w3.shape[1], w.w5.shape[1], w.pool_w.shape[1]
     c_out = c1 + c3 + c5 + cp
+    if grad_out.shape != (n, c_out, h, wd):
+        raise ValueError(
+            f"grad_out has shape {tuple(grad_out.shape)}, expected {(n, c_out, h, wd)}"
+        )
     gc = c_out + r
     col3 = c1 + r
     pool_col = col3 + c3 + c5
