@@ -610,6 +610,11 @@ def train_backward_flat(
         cfg = tile_config(dtype, m, c_in, max(col3, cp), on_gpu)
         if on_gpu:  # four [BLOCK_M, BLOCK_N] tiles live at once (acc, dpooled, argmax)
             cfg = dataclasses.replace(cfg, block_m=min(cfg.block_m, 64))
+        else:  # interpreter: fewer, wider programs (fp64's [256, 16, 256] product
+            # is still within Triton's 2**20-element cap)
+            cfg = dataclasses.replace(
+                cfg, block_n=min(256, triton.next_power_of_2(c_in))
+            )
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(c_in, cfg.block_n))
         input_grad_kernel[grid](
             g, gc, col3, pool_col, cp, w.stem_w.t().contiguous(),
