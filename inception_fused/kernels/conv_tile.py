@@ -87,7 +87,7 @@ def conv_tile(
                     other=0.0,
                 )
                 if IN_RELU:
-                    a = input_activation(
+                    a = bn_relu(
                         a,
                         tap_ok[:, None] & k_ok[None, :],
                         in_mean_ptr,
@@ -114,7 +114,7 @@ def conv_tile(
 
 
 @triton.jit
-def input_activation(
+def bn_relu(
     a, ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, kk, k_ok, BN: tl.constexpr, ACC
 ):
     """relu(gamma * (a - mean) * invstd + beta) (or relu(a)) on in-bounds taps only.
