@@ -52,8 +52,13 @@ def finalize_stats_kernel(
         n_a = n_ab
         offs += part_stride
     eps = tl.load(eps_ptr + idx, mask=ok, other=1.0)
+    var_eps = m2 / n_a + eps
+    if ACC == tl.float64:
+        std = tl.sqrt(var_eps)  # fp64 sqrt is correctly rounded; sqrt_rn is fp32 only
+    else:
+        std = tl.sqrt_rn(var_eps)  # fp32 tl.sqrt may be approximate on the GPU
     tl.store(mean_ptr + cols, mean, mask=ok)
-    tl.store(invstd_ptr + cols, 1.0 / tl.sqrt_rn(m2 / n_a + eps), mask=ok)
+    tl.store(invstd_ptr + cols, 1.0 / std, mask=ok)
     tl.store(var_ptr + cols, m2 / (n_a - 1.0), mask=ok)
 
 

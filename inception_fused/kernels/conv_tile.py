@@ -177,10 +177,14 @@ def store_tile(
     offs = rows.to(tl.int64)[:, None] * z_row_stride + cols[None, :]
     tl.store(z_ptr + offs, z, mask=ok)
     if STATS:
-        zf = tl.where(row_ok[:, None], z.to(acc.dtype), 0.0)
+        # Shift by the tile's first row (always valid) so the sums run over values of the
+        # size of the spread, not of the mean: the mean keeps its precision too.
+        zf = z.to(acc.dtype)
+        shift = tl.sum(tl.where((tl.arange(0, BLOCK_M) == 0)[:, None], zf, 0.0), axis=0)
+        d = tl.where(row_ok[:, None], zf - shift[None, :], 0.0)
         count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(acc.dtype)
-        mean = tl.sum(zf, axis=0) / count
-        d = tl.where(row_ok[:, None], zf - mean[None, :], 0.0)
+        d_mean = tl.sum(d, axis=0) / count
+        d = tl.where(row_ok[:, None], d - d_mean[None, :], 0.0)
         part = pid_m.to(tl.int64) * part_row_stride + cols
-        tl.store(part_mean_ptr + part, mean, mask=col_ok)
+        tl.store(part_mean_ptr + part, shift + d_mean, mask=col_ok)
         tl.store(part_m2_ptr + part, tl.sum(d * d, axis=0), mask=col_ok)
