@@ -42,7 +42,7 @@ def finalize_stats_kernel(
     n_a = tl.zeros((BLOCK_C,), ACC)  # rows merged so far
     offs = cols.to(tl.int64)  # 64-bit: num_tiles * part_stride may pass 2**31
     for t in range(num_tiles):
-        n_b = tl.minimum(tl.full((BLOCK_C,), M - t * BLOCK_M, ACC), BLOCK_M)
+        n_b = tl.minimum(tl.zeros((BLOCK_C,), ACC) + (M - t * BLOCK_M), BLOCK_M)
         mean_b = tl.load(part_mean_ptr + offs, mask=ok, other=0.0)
         m2_b = tl.load(part_m2_ptr + offs, mask=ok, other=0.0)
         n_ab = n_a + n_b

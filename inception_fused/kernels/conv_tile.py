@@ -80,6 +80,7 @@ def conv_tile(
                         )
                         a = tl.maximum(a, v)
                 a = tl.where(row_ok[:, None] & k_ok[None, :], a, 0.0)
+                a = a.to(x_ptr.dtype.element_ty)  # bf16 max/where come back as fp32
             else:
                 a = tl.load(
                     x_ptr + pix[:, None] + chan[None, :],
