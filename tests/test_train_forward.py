@@ -18,6 +18,7 @@ from inception_fused.folding import (
     conv_blocks,
     pack_raw_inception,
 )
+from inception_fused.kernels.batch_norm import finalize_stats
 from inception_fused.kernels.train_forward import train_forward
 
 BATCH = 4 if ON_GPU else 2
@@ -215,7 +216,7 @@ def test_input_layouts(layout):
 def test_large_mean_statistics():
     """Data with |mean| ~ 1e3 std: the one-pass E[z^2] - E[z]^2 would lose the variance."""
     ref = make_reference(*SMALL).to(DEVICE)
-    x = torch.randn(4, 37, 8, 8, device=DEVICE) + 1e3
+    x = torch.randn(4, 37, 9, 9, device=DEVICE) + 1e3  # 324 rows: several M tiles
     result, mine = fused_run(ref, x)
     z = torch.cat([result.z_out, result.z_red], 1)
     z64 = z.double()
@@ -257,6 +258,39 @@ def test_large_mean_statistics():
         torch.testing.assert_close(
             new.running_var.double(), want_var, atol=0, rtol=1e-5
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_finalize_merges_many_tiles(dtype):
+    """63 tiles (the last one short) of data with a large mean, merged in chunks."""
+    m, block_m, c, col0 = 1000, 16, 5, 2
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(m, c, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, c)
+    z = (z + torch.linspace(-1e3, 1e3, c)).to(DEVICE)
+    tiles = z.split(block_m)
+    width = c + 3  # columns outside [col0, col0 + c) must stay untouched
+    part_mean = torch.zeros(len(tiles), width, dtype=torch.float64, device=DEVICE)
+    part_m2 = torch.zeros_like(part_mean)
+    for i, t in enumerate(tiles):
+        part_mean[i, col0 : col0 + c] = t.mean(0)
+        part_m2[i, col0 : col0 + c] = ((t - t.mean(0)) ** 2).sum(0)
+    outputs = [torch.full((width,), float("nan"), dtype=dtype, device=DEVICE)] * 3
+    mean, invstd, var = (o.clone() for o in outputs)
+    eps = torch.full((c,), 1e-3, dtype=dtype, device=DEVICE)
+    partials = (part_mean.to(dtype), part_m2.to(dtype))
+    finalize_stats(partials, eps, mean, invstd, var, m, block_m, col0, c)
+    cols = slice(col0, col0 + c)
+    assert torch.isnan(mean[:col0]).all() and torch.isnan(var[col0 + c :]).all()
+    # Partial means are rounded to dtype at |mean|/std up to 1e4: a few hundred eps of
+    # the variance. The one-pass E[z^2] - E[z]^2 would be off by ~1e4**2 eps.
+    tol = torch.finfo(dtype).eps
+    exp_mean, exp_var = z.mean(0), z.var(0, unbiased=False)
+    bound = 2 * tol * exp_mean.abs() + 10 * tol * exp_var.sqrt()
+    assert ((mean[cols].double() - exp_mean).abs() <= bound).all()
+    torch.testing.assert_close(
+        invstd[cols].double(), torch.rsqrt(exp_var + 1e-3), atol=0, rtol=1000 * tol
+    )
+    torch.testing.assert_close(var[cols].double(), z.var(0), atol=0, rtol=1000 * tol)
 
 
 def test_bitwise_repeatable():

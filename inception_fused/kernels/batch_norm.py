@@ -1,9 +1,9 @@
 """BatchNorm's two small train-mode kernels: statistics finalize and the last BN+ReLU pass.
 
 The conv epilogues leave per-tile partial statistics (mean and centred M2 of each tile's
-valid rows, one row per M tile). ``finalize_stats`` merges them per channel in tile order
-with Chan's parallel formula: deterministic (no atomics) and free of the cancellation of
-E[z^2] - E[z]^2. ``bn_relu_pass`` then normalises the whole [M, C_out] pre-activation into
+valid rows, one row per M tile). ``finalize_stats`` merges them per channel, chunk by chunk
+of tiles in a fixed order, with Chan's parallel formula: deterministic (no atomics) and
+free of the cancellation of E[z^2] - E[z]^2. ``bn_relu_pass`` then normalises the whole [M, C_out] pre-activation into
 the module output, all four branches in one launch.
 """
 
@@ -31,33 +31,44 @@ def finalize_stats_kernel(
     col0,
     n_cols,  # the column range [col0, col0 + n_cols) this launch finalises
     BLOCK_M: tl.constexpr,  # rows per tile of the launch that wrote the partials
+    BLOCK_T: tl.constexpr,  # tiles merged per step
     BLOCK_C: tl.constexpr,
     ACC: tl.constexpr,
 ):
     idx = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = idx < n_cols
     cols = col0 + idx
+    # Means are kept relative to tile 0's so the weighted sums stay at the spread's scale.
+    shift = tl.load(part_mean_ptr + cols, mask=ok, other=0.0)
     mean = tl.zeros((BLOCK_C,), ACC)
     m2 = tl.zeros((BLOCK_C,), ACC)
     n_a = tl.zeros((BLOCK_C,), ACC)  # rows merged so far
-    offs = cols.to(tl.int64)  # 64-bit: num_tiles * part_stride may pass 2**31
-    for t in range(num_tiles):
-        n_b = tl.minimum(tl.zeros((BLOCK_C,), ACC) + (M - t * BLOCK_M), BLOCK_M)
-        mean_b = tl.load(part_mean_ptr + offs, mask=ok, other=0.0)
-        m2_b = tl.load(part_m2_ptr + offs, mask=ok, other=0.0)
+    for t0 in range(0, num_tiles, BLOCK_T):
+        # A chunk of BLOCK_T tiles: its own mean and M2 (a fixed-shape tree, so the
+        # result does not depend on scheduling), then Chan's merge into the running total.
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < num_tiles
+        n_t = tl.where(t_ok, tl.minimum(M - t * BLOCK_M, BLOCK_M), 0).to(ACC)
+        offs = t.to(tl.int64)[:, None] * part_stride + cols[None, :]
+        both_ok = t_ok[:, None] & ok[None, :]
+        mean_t = tl.load(part_mean_ptr + offs, mask=both_ok, other=0.0) - shift[None, :]
+        m2_t = tl.load(part_m2_ptr + offs, mask=both_ok, other=0.0)
+        n_b = tl.sum(n_t, axis=0)
+        mean_b = tl.sum(n_t[:, None] * mean_t, axis=0) / n_b
+        d = tl.where(both_ok, mean_t - mean_b[None, :], 0.0)
+        m2_b = tl.sum(m2_t, axis=0) + tl.sum(n_t[:, None] * d * d, axis=0)
         n_ab = n_a + n_b
         delta = mean_b - mean
         mean += delta * (n_b / n_ab)
         m2 += m2_b + delta * delta * (n_a * n_b / n_ab)
         n_a = n_ab
-        offs += part_stride
     eps = tl.load(eps_ptr + idx, mask=ok, other=1.0)
     var_eps = m2 / n_a + eps
     if ACC == tl.float64:
         std = tl.sqrt(var_eps)  # fp64 sqrt is correctly rounded; sqrt_rn is fp32 only
     else:
         std = tl.sqrt_rn(var_eps)  # fp32 tl.sqrt may be approximate on the GPU
-    tl.store(mean_ptr + cols, mean, mask=ok)
+    tl.store(mean_ptr + cols, shift + mean, mask=ok)
     tl.store(invstd_ptr + cols, 1.0 / std, mask=ok)
     tl.store(var_ptr + cols, m2 / (n_a - 1.0), mask=ok)
 
@@ -113,7 +124,9 @@ def finalize_stats(
     """
     part_mean, part_m2 = partials
     on_gpu = part_mean.is_cuda
-    block_c = _block(n_cols, on_gpu, 128, 1024)
+    block_c = _block(n_cols, on_gpu, 64, 1024)
+    # 16 tiles per step in the interpreter too, so CPU tests merge several chunks.
+    block_t = 64 if on_gpu else 16
     finalize_stats_kernel[(triton.cdiv(n_cols, block_c),)](
         part_mean,
         part_m2,
@@ -127,6 +140,7 @@ def finalize_stats(
         col0,
         n_cols,
         BLOCK_M=block_m,
+        BLOCK_T=block_t,
         BLOCK_C=block_c,
         ACC=acc_dtype(mean.dtype),
     )
