@@ -216,10 +216,8 @@ def train_forward(
         partials=partials,
     )
     if stats:
-        finalize_stats(
-            partials, bn.eps_red, mean, invstd, var_unbiased, m, cfg_a.block_m,
-            c_out, c_red,
-        )  # fmt: skip
+        stats_out = (mean, invstd, var_unbiased)
+        finalize_stats(partials, bn.eps_red, *stats_out, m, cfg_a.block_m, c_out, c_red)
     red_bn = None
     if bn is not None:
         red_bn = (result.mean_red, result.invstd_red, bn.gamma_red, bn.beta_red)
@@ -240,10 +238,7 @@ def train_forward(
         partials=partials,
     )
     if stats:
-        finalize_stats(
-            partials, bn.eps_out, mean, invstd, var_unbiased, m, cfg_a.block_m,
-            0, c_out,
-        )  # fmt: skip
+        finalize_stats(partials, bn.eps_out, *stats_out, m, cfg_a.block_m, 0, c_out)
         _update_running_stats(bn, ranges, mean, var_unbiased)
     out_bn = None
     if bn is not None:
