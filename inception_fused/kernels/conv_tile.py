@@ -164,10 +164,11 @@ def store_tile(
     """Epilogue: store acc + bias into a column slice of a row-major matrix.
 
     Eval (bias = folded BN): the ReLU is applied. TRAIN: the pre-activation z (bias = conv
-    bias, or zeros before a BN) is stored, for BatchNorm and for the backward. With STATS, also write the tile's per-channel mean and centred sum of squares (M2) over
-    its valid rows to row pid_m of the partials matrices. Statistics are taken of z as
-    stored (rounded to z's dtype), the values BatchNorm sees; centring per tile keeps M2
-    accurate when |mean| >> std, where sum(z^2) - n*mean^2 would cancel.
+    bias, or zeros before a BN) is stored, for BatchNorm and for the backward. With STATS,
+    also write the tile's per-channel mean and centred sum of squares (M2) over its valid
+    rows to row pid_m of the partials matrices. Statistics are taken of z as stored
+    (rounded to z's dtype), the values BatchNorm sees; centring per tile keeps M2 accurate
+    when |mean| >> std, where sum(z^2) - n*mean^2 would cancel.
     """
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
     z = acc + bias[None, :].to(acc.dtype)
