@@ -1,136 +1,247 @@
-"""Train-mode forward, torch-op path: the contract's interface in plain PyTorch ops.
+"""Train-mode Inception forward: BatchNorm with batch statistics, in five launches.
 
-PROVISIONAL: stands in for the Triton train forward (branch `train`) so the backward and
-the autograd op can be built and tested; it computes exactly what that kernel family must
-return (pre-BN conv outputs, batch statistics, running-stat updates as nn.BatchNorm2d).
+1. Launch A (pointwise.py, TRAIN): stem GEMM and pool projection store the pre-activation
+   z of branch 1, the pool branch and the two reduce layers, with per-tile statistics.
+2. Finalize (batch_norm.py) the reduce layers' statistics.
+3. Launch B (spatial.py, TRAIN): the 3x3/5x5 convs apply the reduce layers' BN+ReLU while
+   loading their input and store their own z with per-tile statistics.
+4. Finalize the output channels' statistics; update the running statistics.
+5. One BN+ReLU pass over z_out writes the whole module output.
+
+With ``batch_stats=False`` (eval-mode BN while gradients are needed) mean/invstd come from
+the running statistics, no partials are written and nothing is updated. Without BN
+(``bn=None``) z carries the conv bias and the output is relu(z).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+import triton
 
-from ..folding import BNParams, FoldedInception
+from ..folding import BLOCK_ORDER, BNParams, FoldedInception, accumulator_dtype
+from .batch_norm import bn_relu_pass, finalize_stats
+from .launch import tile_config
+from .pointwise import launch_pointwise
+from .spatial import launch_spatial
 
 
 @dataclass
 class TrainForward:
-    out: torch.Tensor  # [N, C_out, H, W] channels_last: relu(bn(z)) (or relu(z))
-    z_out: torch.Tensor  # [M, C_out]: pre-BN conv outputs in output-channel order
-    z_red: torch.Tensor  # [M, r3 + r5]: pre-BN reduce conv outputs
-    mean_out: torch.Tensor | None  # [C_out], accumulator dtype; None without BN
-    invstd_out: torch.Tensor | None
+    """What the train forward returns: the output and what the backward needs."""
+
+    out: torch.Tensor  # [N, C_out, H, W] channels_last, x.dtype: relu(bn(z)) or relu(z)
+    z_out: (
+        torch.Tensor
+    )  # [M, C_out] row-major, x.dtype: pre-BN conv outputs, output order
+    z_red: torch.Tensor  # [M, r3 + r5] row-major, x.dtype: pre-BN reduce conv outputs
+    mean_out: torch.Tensor | None  # [C_out] accumulator dtype; None without BN
+    invstd_out: torch.Tensor | None  # [C_out]
     mean_red: torch.Tensor | None  # [r3 + r5]
-    invstd_red: torch.Tensor | None
+    invstd_red: torch.Tensor | None  # [r3 + r5]
 
 
-def _unpack(packed: torch.Tensor, ks: int) -> torch.Tensor:
-    """Implicit-GEMM matrix [ks*ks*C_in, C_out] -> conv weight [C_out, C_in, ks, ks]."""
-    return packed.view(ks, ks, -1, packed.shape[1]).permute(3, 2, 0, 1)
+def _channel_ranges(w: FoldedInception, c_out: int) -> dict[str, tuple[int, int]]:
+    """Each BN layer's (first column, width) in the statistics vectors [C_out | r3 + r5]."""
+    c3, c5 = w.w3.shape[1], w.w5.shape[1]
+    c_red = w.stem_w.shape[1] - w.c1
+    return {
+        "branch1": (0, w.c1),
+        "red3": (c_out, w.r3),
+        "red5": (c_out + w.r3, c_red - w.r3),
+        "conv3": (w.c1, c3),
+        "conv5": (w.c1 + c3, c5),
+        "pool": (w.c1 + c3 + c5, w.pool_w.shape[1]),
+    }
 
 
-def _statistics(
-    z: torch.Tensor,
-    bn: BNParams,
-    eps: torch.Tensor,
-    layers: tuple[tuple[int, int, int], ...],
-    batch_stats: bool,
+def _check_inputs(
+    x: torch.Tensor, w: FoldedInception, bn: BNParams | None, batch_stats: bool
+) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(
+            "train_forward expects a 4-D floating-point tensor [N, C, H, W]"
+        )
+    if x.shape[1] != w.stem_w.shape[0]:
+        raise ValueError(
+            f"expected {w.stem_w.shape[0]} input channels, got {x.shape[1]} "
+            f"(input shape {tuple(x.shape)})"
+        )
+    if x.dtype != w.stem_w.dtype or x.device != w.stem_w.device:
+        raise TypeError(
+            f"input ({x.dtype}, {x.device}) and packed weights ({w.stem_w.dtype}, "
+            f"{w.stem_w.device}) must share dtype and device"
+        )
+    if bn is None:
+        return
+    m = x.shape[0] * x.shape[2] * x.shape[3]
+    if batch_stats and m <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size "
+            f"{list(x.shape)}"
+        )
+    if not batch_stats and any(
+        rm is None or rv is None
+        for rm, rv in zip(bn.running_mean, bn.running_var, strict=True)
+    ):
+        raise ValueError(
+            "batch_stats=False normalises with running statistics, but a BatchNorm "
+            "layer has none (track_running_stats=False)"
+        )
+
+
+def _running_stat_vectors(
+    bn: BNParams, ranges: dict[str, tuple[int, int]], c_total: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, invstd) of z's columns; running stats updated per layer (block, col0, col1)."""
-    acc = eps.dtype
-    if batch_stats:
-        zf = z.to(acc)
-        mean = zf.mean(0)
-        var = zf.var(0, unbiased=False)
-        m = z.shape[0]
-        with torch.no_grad():
-            for block, c0, c1 in layers:
-                running_mean = bn.running_mean[block]
-                if running_mean is None:
-                    continue
-                count = bn.num_batches_tracked[block]
-                count.add_(1)
-                momentum = bn.momentum[block]
-                factor = 1.0 / float(count) if momentum is None else momentum
-                unbiased = var[c0:c1] * (m / (m - 1))
-                running_mean.mul_(1 - factor).add_(
-                    mean[c0:c1].to(running_mean.dtype), alpha=factor
-                )
-                bn.running_var[block].mul_(1 - factor).add_(
-                    unbiased.to(running_mean.dtype), alpha=factor
-                )
-    else:
-        mean = torch.cat([bn.running_mean[b].to(acc) for b, _, _ in layers])
-        var = torch.cat([bn.running_var[b].to(acc) for b, _, _ in layers])
+    """mean and invstd over [C_out | r3 + r5] from the layers' running statistics."""
+    mean = torch.empty(c_total, dtype=dtype, device=bn.gamma_out.device)
+    var = torch.empty_like(mean)
+    for i, name in enumerate(BLOCK_ORDER):
+        lo, size = ranges[name]
+        mean[lo : lo + size] = bn.running_mean[i]
+        var[lo : lo + size] = bn.running_var[i]
+    eps = torch.cat([bn.eps_out, bn.eps_red])
     return mean, torch.rsqrt(var + eps)
 
 
-def _activate(
-    z: torch.Tensor,
-    mean: torch.Tensor | None,
-    invstd: torch.Tensor | None,
-    gamma: torch.Tensor | None,
-    beta: torch.Tensor | None,
-) -> torch.Tensor:
-    if mean is None:
-        return torch.relu(z)
-    pre = (z.to(mean.dtype) - mean) * (invstd * gamma) + beta
-    return torch.relu(pre).to(z.dtype)
+def _update_running_stats(
+    bn: BNParams,
+    ranges: dict[str, tuple[int, int]],
+    mean: torch.Tensor,
+    var_unbiased: torch.Tensor,
+) -> None:
+    """nn.BatchNorm2d's running-stat update, layer by layer, in place on its buffers.
+
+    Done with torch ops rather than in the finalize kernel: the six layers' buffers are
+    separate tensors, possibly of another dtype than the statistics, and the update is a
+    few vectors of at most C_out elements (~3 tiny ops per layer). A tensor weight keeps
+    momentum=None (1 / num_batches_tracked) free of a host synchronisation.
+    """
+    for i, name in enumerate(BLOCK_ORDER):
+        running_mean, running_var = bn.running_mean[i], bn.running_var[i]
+        tracked, momentum = bn.num_batches_tracked[i], bn.momentum[i]
+        if running_mean is None:  # track_running_stats=False
+            continue
+        if tracked is not None:
+            tracked.add_(1)
+        if momentum is not None:
+            factor: float | torch.Tensor = momentum
+        elif tracked is not None:  # cumulative moving average
+            factor = tracked.to(running_mean.dtype).reciprocal()
+        else:
+            factor = 0.0  # nn.BatchNorm2d's value for this (odd) combination
+        lo, size = ranges[name]
+        running_mean.lerp_(mean[lo : lo + size].to(running_mean.dtype), factor)
+        running_var.lerp_(var_unbiased[lo : lo + size].to(running_var.dtype), factor)
 
 
 def train_forward(
-    x: torch.Tensor, w: FoldedInception, bn: BNParams | None, batch_stats: bool
+    x: torch.Tensor,
+    w: FoldedInception,
+    bn: BNParams | None,
+    batch_stats: bool,
 ) -> TrainForward:
+    """Inception forward with BatchNorm as in training (see the module docstring).
+
+    ``w`` holds raw packed weights (``pack_raw_inception``); ``bn`` the six BatchNorms
+    (None for ``batch_norm=False``). With ``batch_stats`` the batch's statistics normalise
+    and the layers' running statistics and num_batches_tracked are updated in place, as
+    nn.BatchNorm2d does in training; without, the running statistics normalise.
+    Statistics are fp32 (fp64 for fp64 input). x may have any strides.
+    """
+    _check_inputs(x, w, bn, batch_stats)
     n, c_in, h, wd = x.shape
     m = n * h * wd
-    c1, r3, c3, c5 = w.c1, w.r3, w.w3.shape[1], w.w5.shape[1]
-    r = w.stem_w.shape[1] - c1
-    c_out = c1 + c3 + c5 + w.pool_w.shape[1]
-    rows = x.permute(0, 2, 3, 1).reshape(m, c_in)
-    pooled = F.max_pool2d(x, 3, 1, 1).permute(0, 2, 3, 1).reshape(m, c_in)
-    stem = torch.addmm(w.stem_b.to(x.dtype), rows, w.stem_w)
-    z_red = stem[:, c1:].contiguous()
-    mean_red = invstd_red = mean_out = invstd_out = None
-    if bn is not None:
-        red_layers = ((1, 0, r3), (2, r3, r))
-        mean_red, invstd_red = _statistics(
-            z_red, bn, bn.eps_red, red_layers, batch_stats
-        )
-    a_red = _activate(
-        z_red,
-        mean_red,
-        invstd_red,
-        None if bn is None else bn.gamma_red,
-        None if bn is None else bn.beta_red,
+    c3, c5, c_pool = w.w3.shape[1], w.w5.shape[1], w.pool_w.shape[1]
+    c_red = w.stem_w.shape[1] - w.c1
+    c_out = w.c1 + c3 + c5 + c_pool
+    acc = accumulator_dtype(x.dtype)
+    dev = x.device
+    out = torch.empty(
+        (n, c_out, h, wd), device=dev, dtype=x.dtype, memory_format=torch.channels_last
     )
-    a_red = a_red.view(n, h, wd, r).permute(0, 3, 1, 2)
-    z_out = torch.empty((m, c_out), dtype=x.dtype, device=x.device)
-    z_out[:, :c1] = stem[:, :c1]
-    for col, a, packed, bias, ks in (
-        (c1, a_red[:, :r3], w.w3, w.b3, w.k3),
-        (c1 + c3, a_red[:, r3:], w.w5, w.b5, w.k5),
-    ):
-        z = F.conv2d(a, _unpack(packed, ks), bias.to(x.dtype), padding=ks // 2)
-        z_out[:, col : col + packed.shape[1]] = z.permute(0, 2, 3, 1).reshape(m, -1)
-    z_out[:, c1 + c3 + c5 :] = torch.addmm(w.pool_b.to(x.dtype), pooled, w.pool_w)
+    z_out = torch.empty((m, c_out), device=dev, dtype=x.dtype)
+    z_red = torch.empty((m, c_red), device=dev, dtype=x.dtype)
+    ranges = _channel_ranges(w, c_out)
+    stats = bn is not None and batch_stats
+    mean = invstd = None
     if bn is not None:
-        out_layers = (
-            (0, 0, c1),
-            (3, c1, c1 + c3),
-            (4, c1 + c3, c1 + c3 + c5),
-            (5, c1 + c3 + c5, c_out),
-        )
-        mean_out, invstd_out = _statistics(
-            z_out, bn, bn.eps_out, out_layers, batch_stats
-        )
-    y = _activate(
+        if batch_stats:
+            mean = torch.empty(c_out + c_red, device=dev, dtype=acc)
+            invstd = torch.empty_like(mean)
+            var_unbiased = torch.empty_like(mean)
+        else:
+            mean, invstd = _running_stat_vectors(bn, ranges, c_out + c_red, acc)
+    result = TrainForward(
+        out,
         z_out,
-        mean_out,
-        invstd_out,
-        None if bn is None else bn.gamma_out,
-        None if bn is None else bn.beta_out,
+        z_red,
+        *(
+            (mean[:c_out], invstd[:c_out], mean[c_out:], invstd[c_out:])
+            if mean is not None
+            else (None,) * 4
+        ),
     )
-    out = y.view(n, h, wd, c_out).permute(0, 3, 1, 2)
-    return TrainForward(out, z_out, z_red, mean_out, invstd_out, mean_red, invstd_red)
+    if m == 0:
+        return result
+
+    on_gpu = x.is_cuda
+    cfg_a = tile_config(x.dtype, m, max(w.stem_w.shape[1], c_pool), c_in, on_gpu)
+    # Both launches write rows of one partials matrix, so they tile M alike.
+    cfg_b = dataclasses.replace(
+        tile_config(x.dtype, m, max(c3, c5), max(w.r3, c_red - w.r3), on_gpu),
+        block_m=cfg_a.block_m,
+    )
+    partials = None
+    if stats:
+        shape = (triton.cdiv(m, cfg_a.block_m), c_out + c_red)
+        partials = (
+            torch.empty(shape, device=dev, dtype=acc),
+            torch.empty(shape, device=dev, dtype=acc),
+        )
+    z_out_4d = z_out.view(n, h, wd, c_out).permute(0, 3, 1, 2)  # launchers' NCHW view
+    launch_pointwise(
+        x,
+        w.stem_w,
+        w.stem_b,
+        w.pool_w,
+        w.pool_b,
+        z_out_4d,
+        z_red,
+        w.c1,
+        cfg_a,
+        train=True,
+        partials=partials,
+    )
+    if stats:
+        stats_out = (mean, invstd, var_unbiased)
+        finalize_stats(partials, bn.eps_red, *stats_out, m, cfg_a.block_m, c_out, c_red)
+    red_bn = None
+    if bn is not None:
+        red_bn = (result.mean_red, result.invstd_red, bn.gamma_red, bn.beta_red)
+    launch_spatial(
+        z_red,
+        w.w3,
+        w.b3,
+        w.w5,
+        w.b5,
+        z_out_4d,
+        w.r3,
+        w.k3,
+        w.k5,
+        w.c1,
+        cfg_b,
+        train=True,
+        red_bn=red_bn,
+        partials=partials,
+    )
+    if stats:
+        finalize_stats(partials, bn.eps_out, *stats_out, m, cfg_a.block_m, 0, c_out)
+        _update_running_stats(bn, ranges, mean, var_unbiased)
+    out_bn = None
+    if bn is not None:
+        out_bn = (result.mean_out, result.invstd_out, bn.gamma_out, bn.beta_out)
+    bn_relu_pass(z_out, out, out_bn)
+    return result
