@@ -246,7 +246,8 @@ class _InceptionTrain(torch.autograd.Function):
         )  # fmt: skip
         grads = split_grads(
             flat._replace(grad_x=flat.grad_x if needs_x else None),
-            _pack(conv_weights, [None] * 6, x.dtype),
+            conv_weights[0].shape[0],
+            conv_weights[1].shape[0],
             has_bn,
         )
         return (
@@ -307,8 +308,8 @@ def fused_train_forward(
             f"Expected more than 1 value per channel when training, got input size "
             f"{tuple(x.shape)}"
         )
-    tracked = bns[0] is not None and bns[0].running_mean is not None
     has_bn = bns[0] is not None
+    tracked = has_bn and bns[0].running_mean is not None
     none6 = [None] * 6
     bn_args = {
         "eps": [bn.eps for bn in bns] if has_bn else [],

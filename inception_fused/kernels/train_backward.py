@@ -670,12 +670,11 @@ def train_backward_flat(
     )
 
 
-def split_grads(flat: FlatGrads, w: FoldedInception, has_bn: bool) -> InceptionGrads:
+def split_grads(flat: FlatGrads, c1: int, r3: int, has_bn: bool) -> InceptionGrads:
     """Per-layer views (no copies) of the flat gradients, in BLOCK_ORDER."""
-    c1, r3 = w.c1, w.r3
-    c3, c5 = w.w3.shape[1], w.w5.shape[1]
-    c_in = w.stem_w.shape[0]
+    c3, c5 = flat.w3.shape[0], flat.w5.shape[0]
     stem = flat.stem_w
+    c_in = stem.shape[1]
 
     def per_layer(out: torch.Tensor, red: torch.Tensor) -> list[torch.Tensor]:
         return [
@@ -714,4 +713,4 @@ def train_backward(
 ) -> InceptionGrads:
     """Gradients of one Inception module's train-mode (or frozen-BN) forward, per layer."""
     flat = train_backward_flat(grad_out, x, w, bn, batch_stats, saved, needs_input_grad)
-    return split_grads(flat, w, bn is not None)
+    return split_grads(flat, w.c1, w.r3, bn is not None)
