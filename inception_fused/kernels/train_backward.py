@@ -422,7 +422,7 @@ def input_grad_kernel(
     )
     # Pixel p sits at tap t of the window centred on q = p - (t // 3 - 1, t % 3 - 1); it
     # receives q's pooled gradient in the channels where q's window picked tap t.
-    for t in tl.static_range(9):
+    for t in range(9):  # not unrolled: one loop body keeps compile time down
         qh = oh - (t // 3 - 1)
         qw = ow - (t % 3 - 1)
         q_ok = row_ok & (qh >= 0) & (qh < H) & (qw >= 0) & (qw < W)
