@@ -75,3 +75,10 @@ def test_grad_out_layouts_and_skipped_input_grad():
     assert expected.grad_x.shape == x.shape
     for a, b in zip(expected.conv_weight, other.conv_weight, strict=True):
         assert_close(a, b)
+    # out.sum().backward() hands in a stride-0 expanded grad_out.
+    ones = torch.ones(2, 27, 5, 7, device=DEVICE)
+    dense = train_backward(ones, x, w, bn, True, saved)
+    expanded = train_backward(
+        ones[:1, :1, :1, :1].expand_as(ones), x, w, bn, True, saved
+    )
+    assert_close(expanded.grad_x, dense.grad_x)
