@@ -112,29 +112,48 @@ def _update_running_stats(
     mean: torch.Tensor,
     var_unbiased: torch.Tensor,
 ) -> None:
-    """nn.BatchNorm2d's running-stat update, layer by layer, in place on its buffers.
+    """nn.BatchNorm2d's running-stat update, in place on the layers' buffers.
 
     Done with torch ops rather than in the finalize kernel: the six layers' buffers are
     separate tensors, possibly of another dtype than the statistics, and the update is a
-    few vectors of at most C_out elements (~3 tiny ops per layer). A tensor weight keeps
+    few vectors of at most C_out elements. In the usual case (one float momentum for all
+    layers) it is three foreach ops; otherwise layer by layer, where a tensor weight keeps
     momentum=None (1 / num_batches_tracked) free of a host synchronisation.
     """
-    for i, name in enumerate(BLOCK_ORDER):
-        running_mean, running_var = bn.running_mean[i], bn.running_var[i]
-        tracked, momentum = bn.num_batches_tracked[i], bn.momentum[i]
-        if running_mean is None:  # track_running_stats=False
-            continue
-        if tracked is not None:
-            tracked.add_(1)
+    layers = [
+        (i, name)
+        for i, name in enumerate(BLOCK_ORDER)
+        if bn.running_mean[i] is not None  # else track_running_stats=False
+    ]
+    if not layers:
+        return
+    running_means = [bn.running_mean[i] for i, _ in layers]
+    running_vars = [bn.running_var[i] for i, _ in layers]
+    batch_means, batch_vars = [], []
+    for k, (_, name) in enumerate(layers):
+        lo, size = ranges[name]
+        batch_means.append(mean[lo : lo + size].to(running_means[k].dtype))
+        batch_vars.append(var_unbiased[lo : lo + size].to(running_vars[k].dtype))
+    tracked = [bn.num_batches_tracked[i] for i, _ in layers]
+    counters = [t for t in tracked if t is not None]
+    if counters:
+        torch._foreach_add_(counters, 1)
+    momenta = {bn.momentum[i] for i, _ in layers}
+    if len(momenta) == 1 and None not in momenta:
+        momentum = momenta.pop()
+        torch._foreach_lerp_(running_means, batch_means, momentum)
+        torch._foreach_lerp_(running_vars, batch_vars, momentum)
+        return
+    for k, (i, _) in enumerate(layers):
+        momentum = bn.momentum[i]
         if momentum is not None:
             factor: float | torch.Tensor = momentum
-        elif tracked is not None:  # cumulative moving average
-            factor = tracked.to(running_mean.dtype).reciprocal()
+        elif tracked[k] is not None:  # cumulative moving average
+            factor = tracked[k].to(running_means[k].dtype).reciprocal()
         else:
             factor = 0.0  # nn.BatchNorm2d's value for this (odd) combination
-        lo, size = ranges[name]
-        running_mean.lerp_(mean[lo : lo + size].to(running_mean.dtype), factor)
-        running_var.lerp_(var_unbiased[lo : lo + size].to(running_var.dtype), factor)
+        running_means[k].lerp_(batch_means[k], factor)
+        running_vars[k].lerp_(batch_vars[k], factor)
 
 
 def train_forward(
