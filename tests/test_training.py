@@ -234,9 +234,11 @@ def test_opcheck(train):
 def test_cpu_autocast_bf16_is_refused_before_any_kernel():
     fused, _ = pair()
     x = torch.randn(2, 20, 4, 4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with pytest.raises(TypeError, match="float32 and float64"):
-            fused(x)
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        pytest.raises(TypeError, match="float32 and float64"),
+    ):
+        fused(x)
     assert int(fused.branch1.bn.num_batches_tracked) == 0
 
 
