@@ -14,6 +14,7 @@ from .folding import FoldedInception, conv_blocks, fold_inception
 from .kernels.launch import interpreting
 from .library import eval_forward
 from .reference import InceptionModule
+from .training import bn_batch_stats, fused_train_forward
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 
@@ -27,8 +28,9 @@ class FusedInceptionModule(InceptionModule):
 
     Constructor, parameter names and state-dict keys are :class:`InceptionModule`'s. Eval
     mode runs two kernel launches over BN-folded weights (folded once, cached, and refolded
-    when any parameter or buffer changes). Train mode, and any call that needs gradients,
-    currently computes with the reference PyTorch math, so its values are always right.
+    when any parameter or buffer changes). Train mode and calls that need gradients (e.g.
+    frozen-BN fine-tuning) run the train kernels behind an autograd op (training.py) on
+    the Triton backend; on the C++ CPU backend (eval only) they run the reference math.
 
     ``backend``: ``"auto"`` (Triton for CUDA tensors, the C++ backend for float32/float64
     CPU tensors, plain PyTorch for other CPU dtypes),
@@ -113,17 +115,18 @@ class FusedInceptionModule(InceptionModule):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
-        if self.training and self._syncs_batch_stats():
-            # nn.SyncBatchNorm.convert_sync_batchnorm swapped our BNs: batch statistics
-            # shared across processes exist only in the reference math.
+        if backend == "reference" or (self.training and self._syncs_batch_stats()):
+            # SyncBatchNorm (convert_sync_batchnorm swapped our BNs) shares batch statistics
+            # across processes, which only the reference math does.
             return super().forward(x)
-        if (
-            backend == "reference"
-            or self.training
-            or needs_grad
-            or not self._has_running_stats()
-        ):
-            return super().forward(x)
+        if self.training or needs_grad or not self._has_running_stats():
+            # Batch statistics or gradients: the Triton train kernels behind an autograd
+            # op. The C++ backend is eval-only, so CPU training runs the reference math,
+            # as do BN layers that disagree on train/eval mode and empty inputs.
+            batch_stats = bn_batch_stats(self)
+            if backend != "triton" or batch_stats is None or x.numel() == 0:
+                return super().forward(x)
+            return fused_train_forward(self, x, batch_stats)
         if torch.compiler.is_compiling():
             # A traced graph cannot check the cache key (storage addresses): fold inside
             # the graph instead (Inductor's freezing turns it into constants).

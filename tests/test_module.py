@@ -154,4 +154,5 @@ def test_train_mode_matches_reference_including_running_stats():
     x = torch.randn(4, 16, 6, 6, device=DEVICE)
     assert_close(fused(x), ref(x))
     for (name, a), (_, b) in zip(fused.named_buffers(), ref.named_buffers()):
-        assert torch.equal(a, b), name
+        # Batch statistics are reduced in another order than the reference's.
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)

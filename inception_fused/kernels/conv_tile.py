@@ -4,6 +4,10 @@ A tile is BLOCK_M output pixels × BLOCK_N output channels. A KSxKS 'same' conv 
 NHWC-strided input is a GEMM whose K dimension runs over (tap, input channel); a 1x1 conv is
 the KS=1 case, and the pool projection is the KS=1 case with a 3x3/s1/p1 max taken while the
 input tile is loaded, so the pooled tensor never exists in memory.
+
+Train mode adds two switches: a prologue that applies the producing layer's BN+ReLU to the
+input while loading it (the 3x3/5x5 convs read pre-activation reduce outputs), and an
+epilogue that stores the pre-activation z with per-tile channel statistics for BatchNorm.
 """
 
 import triton
@@ -29,7 +33,13 @@ def conv_tile(
     col_ok,  # packed weight [KS*KS*C_in, n_cols] with row stride n_cols
     n_cols,
     KS,  # odd kernel size, 'same' padding; a runtime value so one grid serves 3x3 and 5x5
+    in_mean_ptr,
+    in_invstd_ptr,
+    in_gamma_ptr,
+    in_beta_ptr,  # per input channel BN vectors, read only when IN_BN
     POOL: tl.constexpr,  # take the 3x3/s1/p1 max of the input while loading it
+    IN_RELU: tl.constexpr,  # input is pre-activation: apply (BN +) ReLU while loading
+    IN_BN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -70,12 +80,26 @@ def conv_tile(
                         )
                         a = tl.maximum(a, v)
                 a = tl.where(row_ok[:, None] & k_ok[None, :], a, 0.0)
+                a = a.to(x_ptr.dtype.element_ty)  # bf16 max/where come back as fp32
             else:
                 a = tl.load(
                     x_ptr + pix[:, None] + chan[None, :],
                     mask=tap_ok[:, None] & k_ok[None, :],
                     other=0.0,
                 )
+                if IN_RELU:
+                    a = bn_relu(
+                        a,
+                        tap_ok[:, None] & k_ok[None, :],
+                        in_mean_ptr,
+                        in_invstd_ptr,
+                        in_gamma_ptr,
+                        in_beta_ptr,
+                        kk,
+                        k_ok,
+                        IN_BN,
+                        ACC_DTYPE,
+                    )
             b = tl.load(
                 w_ptr + (tap * C_in + kk)[:, None] * n_cols + cols[None, :],
                 mask=k_ok[:, None] & col_ok[None, :],
@@ -91,6 +115,26 @@ def conv_tile(
 
 
 @triton.jit
+def bn_relu(
+    a, ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, kk, k_ok, BN: tl.constexpr, ACC
+):
+    """relu(gamma * (a - mean) * invstd + beta) (or relu(a)) on in-bounds taps only.
+
+    The conv's zero padding lives in the activated tensor, so out-of-bounds taps must stay
+    0 rather than become relu(beta - gamma * mean * invstd).
+    """
+    v = a.to(ACC)
+    if BN:
+        mean = tl.load(mean_ptr + kk, mask=k_ok, other=0.0).to(ACC)
+        invstd = tl.load(invstd_ptr + kk, mask=k_ok, other=0.0).to(ACC)
+        gamma = tl.load(gamma_ptr + kk, mask=k_ok, other=0.0).to(ACC)
+        beta = tl.load(beta_ptr + kk, mask=k_ok, other=0.0).to(ACC)
+        v = (v - mean[None, :]) * (invstd * gamma)[None, :] + beta[None, :]
+    v = tl.where(ok, tl.maximum(v, 0.0), 0.0)
+    return v.to(a.dtype)
+
+
+@triton.jit
 def tile_pixels(pid_m, M, H, W, BLOCK_M: tl.constexpr):
     """Rows of an output tile as (flat row, n, h, w, in-bounds mask)."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -99,13 +143,50 @@ def tile_pixels(pid_m, M, H, W, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def store_bias_relu(acc, bias_ptr, cols, col_ok, out_ptr, out_row_stride, rows, row_ok):
-    """Epilogue: + folded BN bias, ReLU, store into a column slice of a row-major matrix."""
+def store_tile(
+    acc,
+    bias_ptr,
+    cols,
+    col_ok,
+    z_ptr,
+    z_row_stride,
+    rows,
+    row_ok,
+    pid_m,
+    M,
+    part_mean_ptr,
+    part_m2_ptr,
+    part_row_stride,
+    TRAIN: tl.constexpr,
+    STATS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Epilogue: store acc + bias into a column slice of a row-major matrix.
+
+    Eval (bias = folded BN): the ReLU is applied. TRAIN: the pre-activation z (bias = conv
+    bias, or zeros before a BN) is stored, for BatchNorm and for the backward. With STATS,
+    also write the tile's per-channel mean and centred sum of squares (M2) over its valid
+    rows to row pid_m of the partials matrices. Statistics are taken of z as stored
+    (rounded to z's dtype), the values BatchNorm sees; centring per tile keeps M2 accurate
+    when |mean| >> std, where sum(z^2) - n*mean^2 would cancel.
+    """
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
-    y = tl.maximum(acc + bias[None, :].to(acc.dtype), 0.0)
-    offs = rows.to(tl.int64)[:, None] * out_row_stride + cols[None, :]
-    tl.store(
-        out_ptr + offs,
-        y.to(out_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & col_ok[None, :],
-    )
+    z = acc + bias[None, :].to(acc.dtype)
+    if not TRAIN:
+        z = tl.maximum(z, 0.0)
+    z = z.to(z_ptr.dtype.element_ty)
+    ok = row_ok[:, None] & col_ok[None, :]
+    offs = rows.to(tl.int64)[:, None] * z_row_stride + cols[None, :]
+    tl.store(z_ptr + offs, z, mask=ok)
+    if STATS:
+        # Shift by the tile's first row (always valid) so the sums run over values of the
+        # size of the spread, not of the mean: the mean keeps its precision too.
+        zf = z.to(acc.dtype)
+        shift = tl.sum(tl.where((tl.arange(0, BLOCK_M) == 0)[:, None], zf, 0.0), axis=0)
+        d = tl.where(row_ok[:, None], zf - shift[None, :], 0.0)
+        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(acc.dtype)
+        d_mean = tl.sum(d, axis=0) / count
+        d = tl.where(row_ok[:, None], d - d_mean[None, :], 0.0)
+        part = pid_m.to(tl.int64) * part_row_stride + cols
+        tl.store(part_mean_ptr + part, shift + d_mean, mask=col_ok)
+        tl.store(part_m2_ptr + part, tl.sum(d * d, axis=0), mask=col_ok)

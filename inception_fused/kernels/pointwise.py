@@ -2,17 +2,22 @@
 
 Two kinds of tile share the grid's column axis:
 
-* stem tiles: x @ [W_1x1 | W_red3 | W_red5] + bias, ReLU. Branch-1 columns land in their slice
+* stem tiles: x @ [W_1x1 | W_red3 | W_red5] + bias. Branch-1 columns land in their slice
   of the module output; the reduce columns land in a small scratch matrix for launch B.
-* pool tiles: max-pool 3x3/s1/p1 taken while x is loaded, @ W_pool + bias, ReLU, into the
+* pool tiles: max-pool 3x3/s1/p1 taken while x is loaded, @ W_pool + bias, into the
   pool branch's slice. The pooled tensor is never written.
+
+Eval stores relu(acc + folded bias). Train (TRAIN) stores the pre-activation z instead, and
+with STATS the per-tile channel statistics BatchNorm needs (see conv_tile.store_tile).
 """
+
+from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from .conv_tile import conv_tile, store_bias_relu, tile_pixels
+from .conv_tile import conv_tile, store_tile, tile_pixels
 from .launch import TileConfig, acc_dtype, input_precision
 
 
@@ -29,6 +34,8 @@ def inception_pointwise_kernel(
     pool_b_ptr,
     out_ptr,
     scratch_ptr,
+    part_mean_ptr,
+    part_m2_ptr,  # train statistics [num_m_tiles, C_OUT + C_RED]: output, then reduce
     M,
     H,
     W,
@@ -38,6 +45,8 @@ def inception_pointwise_kernel(
     C_POOL,  # branch-1 width, reduce width (r3 + r5), pool-projection width
     C_OUT,
     POOL_COL,  # output row stride and the pool slice's first channel
+    TRAIN: tl.constexpr,
+    STATS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -49,6 +58,7 @@ def inception_pointwise_kernel(
     pid_n = tl.program_id(1)
     rows, n, oh, ow, row_ok = tile_pixels(pid_m, M, H, W, BLOCK_M)
     stem_tiles = tl.cdiv(C1 + C_RED, BLOCK_N)
+    part_stride = C_OUT + C_RED
     if pid_n < stem_tiles:
         n_cols = C1 + C_RED
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -71,6 +81,12 @@ def inception_pointwise_kernel(
             col_ok,
             n_cols,
             1,
+            stem_b_ptr,
+            stem_b_ptr,
+            stem_b_ptr,
+            stem_b_ptr,  # no input activation: x is read as it is
+            False,
+            False,
             False,
             BLOCK_M,
             BLOCK_N,
@@ -79,12 +95,28 @@ def inception_pointwise_kernel(
             INPUT_PRECISION,
             ACC_DTYPE,
         )
-        # Columns [0, C1) are branch 1's output; [C1, C1 + C_RED) feed launch B.
+        # Columns [0, C1) are branch 1's output; [C1, C1 + C_RED) feed launch B. Their
+        # statistics go to partial columns [0, C1) and [C_OUT, C_OUT + C_RED).
         to_out = cols < C1
-        store_bias_relu(
-            acc, stem_b_ptr, cols, col_ok & to_out, out_ptr, C_OUT, rows, row_ok
+        store_tile(
+            acc,
+            stem_b_ptr,
+            cols,
+            col_ok & to_out,
+            out_ptr,
+            C_OUT,
+            rows,
+            row_ok,
+            pid_m,
+            M,
+            part_mean_ptr,
+            part_m2_ptr,
+            part_stride,
+            TRAIN,
+            STATS,
+            BLOCK_M,
         )
-        store_bias_relu(
+        store_tile(
             acc,
             stem_b_ptr,
             cols,
@@ -93,6 +125,14 @@ def inception_pointwise_kernel(
             C_RED,
             rows,
             row_ok,
+            pid_m,
+            M,
+            part_mean_ptr + C_OUT - C1,
+            part_m2_ptr + C_OUT - C1,
+            part_stride,
+            TRAIN,
+            STATS,
+            BLOCK_M,
         )
     else:
         cols = (pid_n - stem_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -115,7 +155,13 @@ def inception_pointwise_kernel(
             col_ok,
             C_POOL,
             1,
+            pool_b_ptr,
+            pool_b_ptr,
+            pool_b_ptr,
+            pool_b_ptr,
             True,
+            False,
+            False,
             BLOCK_M,
             BLOCK_N,
             BLOCK_K,
@@ -123,8 +169,23 @@ def inception_pointwise_kernel(
             INPUT_PRECISION,
             ACC_DTYPE,
         )
-        store_bias_relu(
-            acc, pool_b_ptr, cols, col_ok, out_ptr + POOL_COL, C_OUT, rows, row_ok
+        store_tile(
+            acc,
+            pool_b_ptr,
+            cols,
+            col_ok,
+            out_ptr + POOL_COL,
+            C_OUT,
+            rows,
+            row_ok,
+            pid_m,
+            M,
+            part_mean_ptr + POOL_COL,
+            part_m2_ptr + POOL_COL,
+            part_stride,
+            TRAIN,
+            STATS,
+            BLOCK_M,
         )
 
 
@@ -138,13 +199,22 @@ def launch_pointwise(
     scratch: torch.Tensor,
     c1: int,
     cfg: TileConfig,
+    train: bool = False,
+    partials: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Fill out[..., :c1], out[..., -pool:] and scratch from x (any strides, NCHW logical)."""
+    """Fill out[..., :c1], out[..., -pool:] and scratch from x (any strides, NCHW logical).
+
+    ``out`` is [N, C_out, H, W] channels_last (an [M, C_out] row-major matrix). Eval
+    (``train=False``) stores relu(acc + bias); ``train=True`` stores the pre-activation,
+    and with ``partials`` = (mean, m2), each [cdiv(M, block_m), C_out + C_red] in the
+    accumulator dtype, the per-tile statistics of every column it writes.
+    """
     n, c_in, h, w = x.shape
     m = n * h * w
     c_red = scratch.shape[1]
     c_pool = pool_w.shape[1]
     c_out = out.shape[1]
+    part_mean, part_m2 = partials if partials is not None else (stem_b, stem_b)
     grid = (
         triton.cdiv(m, cfg.block_m),
         triton.cdiv(c1 + c_red, cfg.block_n) + triton.cdiv(c_pool, cfg.block_n),
@@ -161,6 +231,8 @@ def launch_pointwise(
         pool_b,
         out,
         scratch,
+        part_mean,
+        part_m2,
         m,
         h,
         w,
@@ -170,6 +242,8 @@ def launch_pointwise(
         c_pool,
         c_out,
         c_out - c_pool,
+        TRAIN=train,
+        STATS=partials is not None,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,

@@ -2,13 +2,19 @@
 
 Tiles of both branches share the grid's column axis; each tile picks its branch's input
 columns, kernel size, weights and output slice, then runs the same implicit-GEMM conv tile.
+
+Eval reads activated reduce outputs and stores relu(acc + folded bias). Train (TRAIN) reads
+the reduce layers' pre-activation z and applies their BN+ReLU (or ReLU alone without BN)
+while loading it, stores the pre-activation z, and with STATS per-tile statistics.
 """
+
+from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from .conv_tile import conv_tile, store_bias_relu, tile_pixels
+from .conv_tile import conv_tile, store_tile, tile_pixels
 from .launch import TileConfig, acc_dtype, input_precision
 
 
@@ -17,11 +23,17 @@ from .launch import TileConfig, acc_dtype, input_precision
 @triton.jit(do_not_specialize=["R3", "R5", "C3", "C5", "K3", "K5", "COL3"])
 def inception_spatial_kernel(
     red_ptr,  # scratch [M, R3 + R5]: the two reduce outputs side by side
+    red_mean_ptr,
+    red_invstd_ptr,
+    red_gamma_ptr,
+    red_beta_ptr,  # [R3 + R5] BN vectors of the reduce layers, read when IN_BN
     w3_ptr,
     b3_ptr,
     w5_ptr,
     b5_ptr,
     out_ptr,
+    part_mean_ptr,
+    part_m2_ptr,  # train statistics [num_m_tiles, C_OUT + R3 + R5]
     M,
     H,
     W,
@@ -33,6 +45,9 @@ def inception_spatial_kernel(
     K5,
     C_OUT,
     COL3,  # output row stride and branch 2's first output channel
+    TRAIN: tl.constexpr,
+    STATS: tl.constexpr,
+    IN_BN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -46,10 +61,14 @@ def inception_spatial_kernel(
     tiles3 = tl.cdiv(C3, BLOCK_N)
     if pid_n < tiles3:
         in_ptr, c_in, ks = red_ptr, R3, K3
+        mean_ptr, invstd_ptr = red_mean_ptr, red_invstd_ptr
+        gamma_ptr, beta_ptr = red_gamma_ptr, red_beta_ptr
         w_ptr, b_ptr, n_cols, col0 = w3_ptr, b3_ptr, C3, COL3
         tile_n = pid_n
     else:
         in_ptr, c_in, ks = red_ptr + R3, R5, K5
+        mean_ptr, invstd_ptr = red_mean_ptr + R3, red_invstd_ptr + R3
+        gamma_ptr, beta_ptr = red_gamma_ptr + R3, red_beta_ptr + R3
         w_ptr, b_ptr, n_cols, col0 = w5_ptr, b5_ptr, C5, COL3 + C3
         tile_n = pid_n - tiles3
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -73,7 +92,13 @@ def inception_spatial_kernel(
         col_ok,
         n_cols,
         ks,
+        mean_ptr,
+        invstd_ptr,
+        gamma_ptr,
+        beta_ptr,
         False,
+        TRAIN,
+        IN_BN,
         BLOCK_M,
         BLOCK_N,
         BLOCK_K,
@@ -81,7 +106,24 @@ def inception_spatial_kernel(
         INPUT_PRECISION,
         ACC_DTYPE,
     )
-    store_bias_relu(acc, b_ptr, cols, col_ok, out_ptr + col0, C_OUT, rows, row_ok)
+    store_tile(
+        acc,
+        b_ptr,
+        cols,
+        col_ok,
+        out_ptr + col0,
+        C_OUT,
+        rows,
+        row_ok,
+        pid_m,
+        M,
+        part_mean_ptr + col0,
+        part_m2_ptr + col0,
+        C_OUT + c_red,
+        TRAIN,
+        STATS,
+        BLOCK_M,
+    )
 
 
 def launch_spatial(
@@ -96,23 +138,38 @@ def launch_spatial(
     k5: int,
     col3: int,
     cfg: TileConfig,
+    train: bool = False,
+    red_bn: tuple[torch.Tensor, ...] | None = None,
+    partials: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Fill out[..., col3 : col3 + c3 + c5] from the reduce scratch [N*H*W, r3 + r5]."""
+    """Fill out[..., col3 : col3 + c3 + c5] from the reduce scratch [N*H*W, r3 + r5].
+
+    Eval (``train=False``): the scratch holds activated values; stores relu(acc + bias).
+    ``train=True``: the scratch holds the reduce layers' pre-activation z, activated on load
+    with ReLU, after BN when ``red_bn`` = (mean, invstd, gamma, beta) over [r3 + r5]; the
+    pre-activation is stored, with per-tile statistics when ``partials`` = (mean, m2), each
+    [cdiv(M, block_m), C_out + r3 + r5].
+    """
     n, c_out, h, w = out.shape
     m = n * h * w
     r5 = reduced.shape[1] - r3
     c3, c5 = w3.shape[1], w5.shape[1]
+    bn_vectors = red_bn if red_bn is not None else (b3,) * 4
+    part_mean, part_m2 = partials if partials is not None else (b3, b3)
     grid = (
         triton.cdiv(m, cfg.block_m),
         triton.cdiv(c3, cfg.block_n) + triton.cdiv(c5, cfg.block_n),
     )
     inception_spatial_kernel[grid](
         reduced,
+        *bn_vectors,
         w3,
         b3,
         w5,
         b5,
         out,
+        part_mean,
+        part_m2,
         m,
         h,
         w,
@@ -124,6 +181,9 @@ def launch_spatial(
         k5,
         c_out,
         col3,
+        TRAIN=train,
+        STATS=partials is not None,
+        IN_BN=red_bn is not None,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,

@@ -1,0 +1,332 @@
+"""Autograd entry point for train mode and eval-with-gradients: torch.library custom ops.
+
+``inception_fused::train_forward`` runs the train forward kernels (batch statistics and
+running-stat update, or frozen running statistics) and returns the output together with
+what the backward needs; ``inception_fused::train_backward`` runs the backward kernels.
+Both take flat tensors (so torch.compile sees them without a graph break) and rebuild the
+packed weights and BN vectors inside. The module calls :func:`fused_train_forward`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .folding import (
+    BNParams,
+    FoldedInception,
+    accumulator_dtype,
+    conv_blocks,
+    pack_weight,
+)
+from .kernels.train_backward import FlatGrads, split_grads, train_backward_flat
+from .kernels.train_forward import TrainForward, train_forward
+from .reference import InceptionModule
+
+Tensor = torch.Tensor
+CPU_INTERPRETER_DTYPES = (torch.float32, torch.float64)
+
+
+def _pack(
+    conv_weights: list[Tensor], conv_biases: list[Tensor | None], dtype: torch.dtype
+) -> FoldedInception:
+    """FoldedInception with raw weights (as pack_raw_inception) from flat tensors."""
+    acc = accumulator_dtype(dtype)
+    packed = [pack_weight(w.detach(), dtype) for w in conv_weights]
+    biases = [
+        torch.zeros(w.shape[0], dtype=acc, device=w.device)
+        if b is None
+        else b.detach().to(acc)
+        for w, b in zip(conv_weights, conv_biases, strict=True)
+    ]
+    return FoldedInception(
+        stem_w=torch.cat(packed[:3], 1),
+        stem_b=torch.cat(biases[:3]),
+        pool_w=packed[5],
+        pool_b=biases[5],
+        w3=packed[3],
+        b3=biases[3],
+        w5=packed[4],
+        b5=biases[4],
+        c1=conv_weights[0].shape[0],
+        r3=conv_weights[1].shape[0],
+        k3=conv_weights[3].shape[-1],
+        k5=conv_weights[4].shape[-1],
+    )
+
+
+def _bn_params(
+    conv_weights: list[Tensor],
+    bn_weights: list[Tensor | None],
+    bn_biases: list[Tensor | None],
+    eps: list[float],
+    running: tuple[list[Tensor], list[Tensor], list[Tensor]] | None,
+    momentum: list[float | None],
+    dtype: torch.dtype,
+) -> BNParams | None:
+    if not eps:
+        return None
+    none6: list[Tensor | None] = [None] * 6
+    running_mean, running_var, count = running if running else (none6,) * 3
+    return BNParams.build(
+        gammas=bn_weights,
+        betas=bn_biases,
+        eps=eps,
+        running_mean=list(running_mean),
+        running_var=list(running_var),
+        num_batches_tracked=list(count),
+        momentum=momentum,
+        channels=[w.shape[0] for w in conv_weights],
+        device=conv_weights[0].device,
+        dtype=dtype,
+    )
+
+
+@torch.library.custom_op(
+    "inception_fused::train_forward",
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
+)
+def _train_forward_op(
+    x: Tensor,
+    conv_weights: list[Tensor],
+    conv_biases: list[Tensor | None],
+    bn_weights: list[Tensor | None],
+    bn_biases: list[Tensor | None],
+    running_mean: list[Tensor],
+    running_var: list[Tensor],
+    num_batches_tracked: list[Tensor],
+    eps: list[float],
+    momentum: list[float],
+    cumulative: list[bool],
+    batch_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, z_out, z_red, stats): stats = [mean_out | invstd_out | mean_red | invstd_red]
+    in one vector (outputs of an op may not alias one another), empty without BN.
+
+    Per-layer lists in BLOCK_ORDER. ``eps`` empty: no BatchNorm (batch_norm=False).
+    Running-stat lists: six tensors, or empty when the BNs do not track running stats.
+    ``cumulative[i]``: momentum=None.
+    """
+    momenta = [None if c else m for m, c in zip(momentum, cumulative, strict=True)]
+    running = (running_mean, running_var, num_batches_tracked) if running_mean else None
+    with torch.autocast(x.device.type, enabled=False):
+        w = _pack(conv_weights, conv_biases, x.dtype)
+        bn = _bn_params(
+            conv_weights, bn_weights, bn_biases, eps, running, momenta, x.dtype
+        )
+        f = train_forward(x, w, bn, batch_stats)
+    if bn is None:
+        stats = x.new_empty(0, dtype=accumulator_dtype(x.dtype))
+    else:
+        stats = torch.cat([f.mean_out, f.invstd_out, f.mean_red, f.invstd_red])
+    return f.out, f.z_out, f.z_red, stats
+
+
+@_train_forward_op.register_fake
+def _(
+    x, conv_weights, conv_biases, bn_weights, bn_biases, running_mean, running_var,
+    num_batches_tracked, eps, momentum, cumulative, batch_stats,
+):  # fmt: skip
+    n, _, h, w = x.shape
+    c_out = sum(conv_weights[i].shape[0] for i in (0, 3, 4, 5))
+    c_red = conv_weights[1].shape[0] + conv_weights[2].shape[0]
+    out = torch.empty(
+        (n, c_out, h, w),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=torch.channels_last,
+    )
+    stats = x.new_empty((2 * (c_out + c_red) if eps else 0,))
+    return (
+        out,
+        x.new_empty((n * h * w, c_out)),
+        x.new_empty((n * h * w, c_red)),
+        stats.to(accumulator_dtype(x.dtype)),
+    )
+
+
+@torch.library.custom_op("inception_fused::train_backward", mutates_args=())
+def _train_backward_op(
+    grad_out: Tensor,
+    x: Tensor,
+    conv_weights: list[Tensor],
+    bn_weights: list[Tensor | None],
+    bn_biases: list[Tensor | None],
+    eps: list[float],
+    z_out: Tensor,
+    z_red: Tensor,
+    stats: Tensor,
+    batch_stats: bool,
+    needs_input_grad: bool,
+) -> list[Tensor]:
+    """The FlatGrads fields as a list; grad_x is empty when not needed."""
+    with torch.autocast(x.device.type, enabled=False):
+        w = _pack(conv_weights, [None] * 6, x.dtype)
+        bn = _bn_params(
+            conv_weights, bn_weights, bn_biases, eps, None, [None] * 6, x.dtype
+        )
+        c_out, c_red = z_out.shape[1], z_red.shape[1]
+        vectors = stats.split([c_out, c_out, c_red, c_red]) if eps else (None,) * 4
+        saved = TrainForward(None, z_out, z_red, *vectors)  # out: unused here
+        flat = train_backward_flat(
+            grad_out.to(x.dtype), x, w, bn, batch_stats, saved, needs_input_grad
+        )
+    grad_x = flat.grad_x if needs_input_grad else x.new_empty(0)
+    # aten picks the conv weight grads' memory format; the op promises contiguous ones.
+    flat = flat._replace(w3=flat.w3.contiguous(), w5=flat.w5.contiguous())
+    return [grad_x, *flat[1:]]
+
+
+@_train_backward_op.register_fake
+def _(
+    grad_out, x, conv_weights, bn_weights, bn_biases, eps, z_out, z_red, stats,
+    batch_stats, needs_input_grad,
+):  # fmt: skip
+    c_in = x.shape[1]
+    c_stem = sum(conv_weights[i].shape[0] for i in range(3))
+    acc = accumulator_dtype(x.dtype)
+    return [
+        torch.empty_like(x) if needs_input_grad else x.new_empty(0),
+        x.new_empty((c_stem, c_in)),
+        torch.empty_like(conv_weights[3]),
+        torch.empty_like(conv_weights[4]),
+        x.new_empty((conv_weights[5].shape[0], c_in)),
+        *(x.new_empty((z.shape[1],), dtype=acc) for z in (z_out, z_out, z_red, z_red)),
+    ]
+
+
+def _cast(grads: list[Tensor | None], like: list[Tensor | None]) -> list:
+    """Each grad in its parameter's dtype; None where the parameter does not exist."""
+    return [
+        None if p is None or g is None else g.to(p.dtype)
+        for g, p in zip(grads, like, strict=True)
+    ]
+
+
+class _InceptionTrain(torch.autograd.Function):
+    """Autograd for the forward op. The forward op mutates the running statistics, and
+    torch.library only takes autograd formulas for functional ops, so the formula lives
+    here; both halves are custom ops with fake kernels, so torch.compile traces it whole.
+
+    Differentiable inputs are passed flat (x, then 6 conv weights, 6 conv biases, 6 BN
+    weights, 6 BN biases, None where absent); ``bn`` holds the non-differentiable rest.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, bn: dict, x: Tensor, *params: Tensor | None) -> Tensor:
+        conv_weights, conv_biases = list(params[0:6]), list(params[6:12])
+        bn_weights, bn_biases = list(params[12:18]), list(params[18:24])
+        has_bn = bool(bn["eps"])
+        out, z_out, z_red, stats = _train_forward_op(
+            x, conv_weights, conv_biases,
+            bn_weights if has_bn else [], bn_biases if has_bn else [],
+            bn["running_mean"], bn["running_var"], bn["num_batches_tracked"],
+            bn["eps"], bn["momentum"], bn["cumulative"], bn["batch_stats"],
+        )  # fmt: skip
+        ctx.save_for_backward(x, *params, z_out, z_red, stats)
+        ctx.eps = bn["eps"]
+        ctx.batch_stats = bn["batch_stats"]
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple:
+        x, *params = ctx.saved_tensors
+        params, (z_out, z_red, stats) = params[:24], params[24:]
+        conv_weights = params[0:6]
+        has_bn = bool(ctx.eps)
+        bn_weights = params[12:18] if has_bn else []
+        bn_biases = params[18:24] if has_bn else []
+        needs_x = ctx.needs_input_grad[1]
+        flat = FlatGrads(
+            *_train_backward_op(
+                grad_out, x, conv_weights, bn_weights, bn_biases, ctx.eps, z_out,
+                z_red, stats, ctx.batch_stats, needs_x,
+            )
+        )  # fmt: skip
+        grads = split_grads(
+            flat._replace(grad_x=flat.grad_x if needs_x else None),
+            conv_weights[0].shape[0],
+            conv_weights[1].shape[0],
+            has_bn,
+        )
+        return (
+            None,
+            grads.grad_x,
+            *grads.conv_weight,
+            *_cast(grads.conv_bias, params[6:12]),
+            *_cast(grads.bn_weight, params[12:18]),
+            *_cast(grads.bn_bias, params[18:24]),
+        )
+
+
+def _no_double_backward(ctx: Any, *grads: Tensor) -> tuple:
+    raise RuntimeError(
+        "inception_fused: double backward (differentiating the gradients of a "
+        "FusedInceptionModule) is not supported; use backend='reference' for it"
+    )
+
+
+_train_backward_op.register_autograd(
+    _no_double_backward, setup_context=lambda ctx, inputs, output: None
+)
+
+
+def bn_batch_stats(module: InceptionModule) -> bool | None:
+    """Whether the BNs normalise with batch statistics (train mode, or no running stats);
+    None when the six layers disagree (the fused op serves one mode for all of them)."""
+    bns = [b.bn for b in conv_blocks(module)]
+    if bns[0] is None:
+        return module.training
+    modes = {bn.training or bn.running_mean is None for bn in bns}
+    tracking = {bn.running_mean is not None for bn in bns}
+    return modes.pop() if len(modes) == 1 and len(tracking) == 1 else None
+
+
+def fused_train_forward(
+    module: InceptionModule, x: Tensor, batch_stats: bool
+) -> Tensor:
+    """The module's forward through the autograd custom op (Triton kernels).
+
+    ``batch_stats`` as :func:`bn_batch_stats` decides (not None).
+    Under autocast the convs run in the autocast dtype (like cuDNN's), BN statistics and
+    parameters stay fp32.
+    """
+    device_type = x.device.type
+    dtype = x.dtype
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    if device_type == "cpu" and dtype not in CPU_INTERPRETER_DTYPES:
+        raise TypeError(
+            f"the Triton interpreter on CPU runs float32 and float64, got {dtype}"
+        )
+    n, _, h, w = x.shape
+    blocks = conv_blocks(module)
+    bns = [b.bn for b in blocks]
+    if bns[0] is not None and batch_stats and n * h * w <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size "
+            f"{tuple(x.shape)}"
+        )
+    has_bn = bns[0] is not None
+    tracked = has_bn and bns[0].running_mean is not None
+    none6 = [None] * 6
+    bn_args = {
+        "eps": [bn.eps for bn in bns] if has_bn else [],
+        "momentum": [bn.momentum or 0.0 for bn in bns] if has_bn else [],
+        "cumulative": [bn.momentum is None for bn in bns] if has_bn else [],
+        "running_mean": [bn.running_mean for bn in bns] if tracked else [],
+        "running_var": [bn.running_var for bn in bns] if tracked else [],
+        "num_batches_tracked": [bn.num_batches_tracked for bn in bns]
+        if tracked
+        else [],
+        "batch_stats": batch_stats,
+    }
+    return _InceptionTrain.apply(
+        bn_args,
+        x.to(dtype),
+        *(b.conv.weight.to(dtype) for b in blocks),
+        *(None if b.conv.bias is None else b.conv.bias.to(dtype) for b in blocks),
+        *([bn.weight for bn in bns] if has_bn else none6),
+        *([bn.bias for bn in bns] if has_bn else none6),
+    )
