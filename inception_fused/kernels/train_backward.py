@@ -90,6 +90,24 @@ def masked_grad(
 
 
 @triton.jit
+def load_masked_grad(
+    dy_ptr, s_n, s_c, s_h, s_w, z_ptr, C, rows, n, oh, ow, row_ok, cols, col_ok,
+    mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_BN: tl.constexpr,
+):  # fmt: skip
+    """masked_grad of a tile: dy read through its strides, z from the [M, C] matrix."""
+    ok = row_ok[:, None] & col_ok[None, :]
+    dy = tl.load(
+        dy_ptr + pixel_offsets(n, oh, ow, cols, s_n, s_c, s_h, s_w), mask=ok, other=0.0
+    )
+    z = tl.load(
+        z_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=ok, other=0.0
+    )
+    return masked_grad(
+        dy, z, cols, col_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_BN
+    )
+
+
+@triton.jit
 def store_partials(dyp, xhat, pid_m, cols, col_ok, part_dy_ptr, part_dyx_ptr, C):
     """Row pid_m of the [tiles, C] partials: column sums of dy' and dy' * xhat."""
     offs = pid_m.to(tl.int64) * C + cols
@@ -123,16 +141,10 @@ def relu_bn_partials_kernel(
     rows, n, oh, ow, row_ok = tile_pixels(pid_m, M, H, W, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C
-    ok = row_ok[:, None] & col_ok[None, :]
-    dy = tl.load(
-        dy_ptr + pixel_offsets(n, oh, ow, cols, s_n, s_c, s_h, s_w), mask=ok, other=0.0
-    )
-    z = tl.load(
-        z_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=ok, other=0.0
-    )
-    dyp, xhat = masked_grad(
-        dy, z, cols, col_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_BN
-    )
+    dyp, xhat = load_masked_grad(
+        dy_ptr, s_n, s_c, s_h, s_w, z_ptr, C, rows, n, oh, ow, row_ok, cols, col_ok,
+        mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_BN,
+    )  # fmt: skip
     store_partials(dyp, xhat, pid_m, cols, col_ok, part_dy_ptr, part_dyx_ptr, C)
 
 
@@ -191,16 +203,10 @@ def relu_bn_apply_kernel(
     rows, n, oh, ow, row_ok = tile_pixels(tl.program_id(0), M, H, W, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C
-    ok = row_ok[:, None] & col_ok[None, :]
-    dy = tl.load(
-        dy_ptr + pixel_offsets(n, oh, ow, cols, s_n, s_c, s_h, s_w), mask=ok, other=0.0
-    )
-    z = tl.load(
-        z_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=ok, other=0.0
-    )
-    dz, xhat = masked_grad(
-        dy, z, cols, col_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_BN
-    )
+    dz, xhat = load_masked_grad(
+        dy_ptr, s_n, s_c, s_h, s_w, z_ptr, C, rows, n, oh, ow, row_ok, cols, col_ok,
+        mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_BN,
+    )  # fmt: skip
     if HAS_BN:
         scale = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0) * tl.load(
             invstd_ptr + cols, mask=col_ok, other=0.0
@@ -214,7 +220,7 @@ def relu_bn_apply_kernel(
     tl.store(
         dz_ptr + rows.to(tl.int64)[:, None] * dz_row_stride + dst[None, :],
         dz.to(dz_ptr.dtype.element_ty),
-        mask=ok,
+        mask=row_ok[:, None] & col_ok[None, :],
     )
 
 
