@@ -71,18 +71,7 @@ def cpu_eval_forward(
     w3, w5 = winograd if winograd is not None else winograd_weights(ext, f)
     return ext.eval_forward(
         x,
-        f.stem_w,
-        f.stem_b,
-        f.pool_w,
-        f.pool_b,
-        f.w3,
-        f.b3,
-        f.w5,
-        f.b5,
-        f.c1,
-        f.r3,
-        f.k3,
-        f.k5,
+        *f.as_args(),
         w3,
         w5,
     )

@@ -6,7 +6,7 @@ Weights are packed in the layout the kernels read, an implicit-GEMM matrix
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -29,6 +29,10 @@ class FoldedInception:
     r3: int
     k3: int
     k5: int
+
+    def as_args(self) -> tuple[torch.Tensor | int, ...]:
+        """The fields in order: the argument list of the eval op and the C++ entry."""
+        return tuple(getattr(self, field.name) for field in fields(self))
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -87,18 +87,7 @@ def eval_forward(x: torch.Tensor, f: FoldedInception, backend: str) -> torch.Ten
         winograd = winograd_weights(load_extension(), f)
     return _eval_forward_op(
         x,
-        f.stem_w,
-        f.stem_b,
-        f.pool_w,
-        f.pool_b,
-        f.w3,
-        f.b3,
-        f.w5,
-        f.b5,
-        f.c1,
-        f.r3,
-        f.k3,
-        f.k5,
+        *f.as_args(),
         backend,
         *winograd,
     )
