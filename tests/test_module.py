@@ -56,7 +56,14 @@ def test_from_module_copies_unless_asked_to_share():
 
 
 @pytest.mark.parametrize(
-    "edit", ["inplace_weight", "running_var", "load_state_dict", "to_double"]
+    "edit",
+    [
+        "inplace_weight",
+        "running_var",
+        "load_state_dict",
+        "replaced_parameter",
+        "to_double",
+    ],
 )
 def test_fold_cache_invalidation(edit):
     fused, ref = pair()
@@ -73,6 +80,10 @@ def test_fold_cache_invalidation(edit):
             other = make_reference(*CHANNELS, seed=7).to(DEVICE)
             fused.load_state_dict(other.state_dict())
             ref.load_state_dict(other.state_dict())
+        elif edit == "replaced_parameter":
+            new = torch.randn_like(ref.branch4[1].bn.weight)
+            ref.branch4[1].bn.weight.copy_(new)
+            fused.branch4[1].bn.weight = torch.nn.Parameter(new.clone())
         elif edit == "to_double":
             fused.double()
             ref.double()
