@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .folding import FoldedInception
-from .kernels.launch import tile_config
+from .kernels.launch import compiled_for_gpu, tile_config
 from .kernels.pointwise import launch_pointwise
 from .kernels.spatial import launch_spatial
 
@@ -29,7 +29,7 @@ def inception_eval_forward(x: torch.Tensor, f: FoldedInception) -> torch.Tensor:
         return out
     m = n * h * w
     scratch = torch.empty((m, c_red), device=x.device, dtype=x.dtype)
-    on_gpu = x.is_cuda
+    on_gpu = compiled_for_gpu(x)
     cfg_a = tile_config(x.dtype, m, max(f.stem_w.shape[1], c_pool), x.shape[1], on_gpu)
     launch_pointwise(
         x, f.stem_w, f.stem_b, f.pool_w, f.pool_b, out, scratch, f.c1, cfg_a

@@ -24,6 +24,15 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
+def compiled_for_gpu(t: torch.Tensor) -> bool:
+    """Whether kernels on ``t`` are compiled for a GPU (else the interpreter runs them).
+
+    Meta tensors stand for CUDA tensors in ahead-of-time compiles (kernels/aot.py), so the
+    launchers pick the tiles they would pick on a GPU.
+    """
+    return t.is_cuda or t.is_meta
+
+
 def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
 
