@@ -16,7 +16,7 @@ train-mode ``nn.BatchNorm2d`` forward bumps its version with ``add_``, while the
 mean and variance it updates inside ``F.batch_norm`` keep theirs. :func:`module_tensors`
 returns every parameter and buffer of some modules, ``num_batches_tracked`` included.
 
-Not seen (documented in the README; call ``refold()`` after them): ``.data`` edits and
+Not seen (documented in the README; call :func:`refold` after them): ``.data`` edits and
 ``.data`` assignment outside any optimizer step or mode switch, optimizers that are not
 ``torch.optim.Optimizer`` subclasses and write without bumping versions, and in-place
 edits of inference tensors (they carry no version counter; they are compared by identity).
@@ -55,6 +55,19 @@ def _record(ids: frozenset[int] | None) -> None:
 def invalidate_all() -> None:
     """Make every FoldCache in the process rebuild on its next use."""
     _record(None)
+
+
+def refold(model: nn.Module | None = None) -> None:
+    """Rebuild folded weights on their next use: those cached by ``model``'s modules, or
+    every one in the process. For weight edits nothing can detect (``p.data.copy_(...)``
+    outside any optimizer step or train/eval switch, see the module docstring)."""
+    if model is None:
+        invalidate_all()
+        return
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, FoldCache):
+                value.clear()
 
 
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, *_: Any) -> None:
@@ -125,6 +138,11 @@ class FoldCache(Generic[T]):
         self._versions: tuple[int, ...] = ()
         self._key: Hashable = None
         self._event = -1
+
+    @property
+    def value(self) -> T | None:
+        """The cached value as it stands (None when empty), without a staleness check."""
+        return self._value
 
     def get(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -62,13 +63,37 @@ def tile_config(
 
 def input_precision(dtype: torch.dtype) -> str:
     """fp32 tl.dot uses TF32 only where torch would let cuDNN's convs use it."""
-    if (
-        dtype == torch.float32
-        and not interpreting()
-        and torch.backends.cudnn.allow_tf32
+    if dtype != torch.float32 or interpreting():
+        return "ieee"
+    return "tf32" if _cudnn_conv_allows_tf32() else "ieee"
+
+
+def _cudnn_conv_allows_tf32() -> bool:
+    """torch's fp32 precision for cuDNN convs, from the API the user may have set.
+
+    Once any ``fp32_precision`` flag is set, reading the legacy ``allow_tf32`` raises
+    ("a mix of the legacy and new APIs"), so read the new flags where torch has them:
+    ``cudnn.conv``, else (``"none"``: inherit) ``cudnn``, else the global one. Anything
+    but ``"tf32"`` (``"ieee"``, ``"none"`` at the root, ``"bf16"``) gets IEEE fp32.
+    """
+    backends = torch.backends
+    conv = getattr(backends.cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):  # torch before the new API
+        return bool(backends.cudnn.allow_tf32)
+    for precision in (
+        conv.fp32_precision,
+        backends.cudnn.fp32_precision,
+        backends.fp32_precision,
     ):
-        return "tf32"
-    return "ieee"
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``t``'s GPU the current one while kernels are launched for it: Triton launches
+    on the current CUDA device, which need not be the tensors' (a model on cuda:1)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def acc_dtype(dtype: torch.dtype) -> tl.dtype:
