@@ -66,8 +66,8 @@ def standard_eval_forward(x: torch.Tensor, f: FoldedInception) -> torch.Tensor:
     """The eval forward in standard PyTorch ops over folded weights (what ONNX records)."""
     r5 = f.stem_w.shape[1] - f.c1 - f.r3
 
-    def conv_relu(inp, packed, bias, kernel):
-        weight = conv_weight(packed, kernel).to(inp.dtype)
+    def conv_relu(inp, packed, bias, kernel):  # fold_inception's bias may be wider
+        weight = conv_weight(packed, kernel)
         return F.relu(F.conv2d(inp, weight, bias.to(inp.dtype), padding=kernel // 2))
 
     stem = conv_relu(x, f.stem_w, f.stem_b, 1)
@@ -104,6 +104,8 @@ def _conv_relu(inp, packed, bias, kernel: int):
     return op.Relu(conv)
 
 
+# Unannotated parameters are ONNX tensor inputs, ``int``/``str`` ones attributes: the
+# exporter reads the signature to bind the op's arguments.
 def onnx_eval_forward(
     x,
     stem_w,

@@ -17,6 +17,7 @@ from conftest import assert_close, make_reference, randomize_bn
 from inception_fused import FusedInceptionModule, fuse_googlenet
 
 ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
 from inception_fused.onnx_export import ONNX_TRANSLATIONS
@@ -64,9 +65,6 @@ def test_block_exports_standard_ops(kernel, batch_norm):
     with torch.no_grad():
         expected = ref(x)
     assert_close(run_onnx(program, x), expected)
-    # Exporting leaves the module's eager path (the fused kernels) as it was.
-    with torch.no_grad():
-        assert_close(fused(x), expected)
 
 
 def test_exported_program_with_translation_table():
@@ -82,6 +80,23 @@ def test_exported_program_with_translation_table():
     assert_standard_block_graph(onnx_program)
     with torch.no_grad():
         assert_close(run_onnx(onnx_program, x), ref(x))
+
+
+@pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning"
+)
+def test_torchscript_exporter(tmp_path):
+    """The deprecated dynamo=False exporter (jit tracing) records standard ops too."""
+    ref, fused = block_pair(5, True)
+    x = torch.randn(1, CHANNELS[0], 3, 6)
+    path = tmp_path / "block.onnx"
+    torch.onnx.export(fused, (x,), path, dynamo=False)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert ops <= BLOCK_OPS | {"Constant"}, ops
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert_close(torch.from_numpy(out), ref(x))
 
 
 @pytest.mark.filterwarnings("ignore:Exporting a model while it is in training mode")

@@ -26,14 +26,17 @@ from dataclasses import dataclass
 import pytest
 import torch
 from conftest import DEVICE, ON_GPU, assert_close, make_reference
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
 
 from inception_fused import FusedInceptionModule
 
+# In the test extra; a bare GPU-machine install (make test SYSTEM_PYTHON=1) may lack it.
+pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
 settings.register_profile(
     "ci",  # about three minutes on 2 busy CPU cores (Triton through the interpreter)
-    max_examples=25,
+    max_examples=35,
     derandomize=True,  # the same examples on every run
     database=None,
     deadline=None,
