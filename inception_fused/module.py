@@ -15,6 +15,7 @@ from .eval_op import eval_forward
 from .fold_cache import FoldCache, module_tensors, structure_version
 from .folding import FoldedInception, conv_blocks, fold_inception
 from .kernels.launch import interpreting
+from .onnx_export import exporting_onnx, onnx_forward
 from .reference import InceptionModule
 from .training import bn_batch_stats, fused_train_forward
 
@@ -166,6 +167,8 @@ class FusedInceptionModule(InceptionModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if exporting_onnx():  # no ONNX runtime knows our op: record standard ops
+            return onnx_forward(self, x)
         compute_dtype, out_dtype = _dtypes(x)
         backend = self._resolve_backend(x, compute_dtype)
         if backend == "reference":
