@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import eval_op  # noqa: F401  registers torch.ops.inception_fused
-from .folding import FoldedInception, fold_inception
+from .folding import FoldedInception, conv_blocks, fold_inception
 from .reference import InceptionModule
 
 if TYPE_CHECKING:
@@ -52,7 +52,10 @@ def onnx_forward(module: FusedInceptionModule, x: torch.Tensor) -> torch.Tensor:
     statistics, records the reference forward (batch statistics), as the unfused model
     would.
     """
-    if module.training or not module._has_running_stats():
+    no_running_stats = any(
+        b.bn is not None and b.bn.running_mean is None for b in conv_blocks(module)
+    )
+    if module.training or no_running_stats:
         return InceptionModule.forward(module, x)
     return standard_eval_forward(x, fold_inception(module, x.dtype))
 
