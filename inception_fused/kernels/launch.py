@@ -60,6 +60,18 @@ def tile_config(
     return TileConfig(block_m, 64, block_k)
 
 
+def pool_tile_config(cfg: TileConfig, on_gpu: bool) -> TileConfig:
+    """Tiles of the pool projection, whose input is the max of nine loads per step.
+
+    Same rows per tile as ``cfg`` (train statistics share one partials matrix); on the
+    GPU a K step of 16 and two stages keep nine pipelined [BLOCK_M, BLOCK_K] buffers
+    within shared memory and registers (the stem's K step would need ~340 KiB).
+    """
+    if not on_gpu or not cfg.use_dot:
+        return cfg
+    return TileConfig(cfg.block_m, cfg.block_n, 16, cfg.num_warps, 2, cfg.use_dot)
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """fp32 tl.dot uses TF32 only where torch would let cuDNN's convs use it."""
     if (
