@@ -38,14 +38,14 @@ from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
 
-import torch  # noqa: E402
-import triton  # noqa: E402
+import torch
+import triton
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from inception_fused.configs import GOOGLENET_CONFIGS  # noqa: E402
-from inception_fused.kernels.aot import (  # noqa: E402
+from inception_fused.configs import GOOGLENET_CONFIGS
+from inception_fused.kernels.aot import (
     MODES,
     Launch,
     compile_launch,
@@ -103,6 +103,8 @@ class Row:
     uses_dot: bool
     used_by: list[str] = field(default_factory=list)
     triton: str = triton.__version__
+    live_registers: int | None = None  # --live: as the CUDA driver reports them
+    live_spills: int | None = None
 
     def problems(self) -> list[str]:
         found = []
@@ -114,6 +116,12 @@ class Row:
             found.append(f"tl.dot without HGMMA ({self.mma})")
         if self.uses_dot and not self.async_loads:
             found.append("main loop not pipelined (no LDGSTS/TMA)")
+        if self.live_registers is not None and (
+            self.live_registers != self.registers or self.live_spills
+        ):
+            found.append(
+                f"driver reports {self.live_registers} regs, {self.live_spills} spills"
+            )
         return found
 
     def csv_row(self) -> dict:
@@ -152,7 +160,7 @@ def variant(launch: Launch) -> str:
     return " ".join(shown)
 
 
-def analyse(launch: Launch, mode: str, dtype: str) -> Row:
+def analyse(launch: Launch, mode: str, dtype: str, live: bool = False) -> Row:
     compiled = compile_launch(launch)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
@@ -170,6 +178,8 @@ def analyse(launch: Launch, mode: str, dtype: str) -> Row:
     uses_dot = bool(launch.kwargs.get("USE_DOT", False))
     num_warps = compiled.metadata.num_warps
     shared = compiled.metadata.shared
+    if live:  # load the same cubin on the device: the driver's own counts
+        compiled._init_handles()
     return Row(
         kernel=launch.name,
         mode=mode,
@@ -185,10 +195,12 @@ def analyse(launch: Launch, mode: str, dtype: str) -> Row:
         async_loads=ops["LDGSTS"] + ops["UTMALDG"] + ops["UBLKCP"],
         ctas_per_sm=ctas_per_sm(regs, num_warps, shared),
         uses_dot=uses_dot,
+        live_registers=compiled.n_regs if live else None,
+        live_spills=compiled.n_spills if live else None,
     )
 
 
-def collect(configs, batches, dtypes, modes, log=print) -> list[Row]:
+def collect(configs, batches, dtypes, modes, live=False, log=print) -> list[Row]:
     rows: dict[str, Row] = {}
     for dname in dtypes:
         dtype = DTYPES[dname]
@@ -203,11 +215,12 @@ def collect(configs, batches, dtypes, modes, log=print) -> list[Row]:
                         key = launch_key(launch)
                         if key not in rows:
                             start = time.perf_counter()
-                            rows[key] = analyse(launch, mode, dname)
+                            rows[key] = analyse(launch, mode, dname, live)
                             log(
                                 f"[{len(rows)}] {launch.name} {dname} {mode} "
                                 f"{name}/{batch}: {rows[key].registers} regs, "
                                 f"{time.perf_counter() - start:.1f} s",
+                                flush=True,
                             )
                         point = f"{name}/{batch}"
                         if point not in rows[key].used_by:
@@ -215,7 +228,9 @@ def collect(configs, batches, dtypes, modes, log=print) -> list[Row]:
     return list(rows.values())
 
 
-def module_flops_bytes(channels, batch: int, side: int, itemsize: int) -> tuple:
+def module_flops_bytes(
+    channels, batch: int, side: int, itemsize: int
+) -> tuple[int, int, int]:
     """Eval forward FLOPs and minimum bytes (x, weights and output once)."""
     c_in, c1, r3, c3, r5, c5, cp = channels
     m = batch * side * side
@@ -223,7 +238,7 @@ def module_flops_bytes(channels, batch: int, side: int, itemsize: int) -> tuple:
     macs = m * (c_in * (c1 + r3 + r5 + cp) + 9 * r3 * c3 + k5 * k5 * r5 * c5)
     weights = c_in * (c1 + r3 + r5 + cp) + 9 * r3 * c3 + k5 * k5 * r5 * c5
     c_out = c1 + c3 + c5 + cp
-    return 2 * macs, (m * c_in + weights + m * c_out) * itemsize, weights, m, c_out
+    return 2 * macs, (m * c_in + weights + m * c_out) * itemsize, weights
 
 
 def roofline_rows(configs, batches) -> list[dict]:
@@ -239,7 +254,7 @@ def roofline_rows(configs, batches) -> list[dict]:
                 ("tf32", 4),
                 ("fp32", 4),
             ):
-                flops, nbytes, weights, m, c_out = module_flops_bytes(
+                flops, nbytes, weights = module_flops_bytes(
                     cfg.channels, batch, cfg.spatial, itemsize
                 )
                 train_bytes = 2 * nbytes + weights * itemsize
@@ -280,11 +295,15 @@ def table(rows: list[Row]) -> str:
     for r in rows:
         groups.setdefault((r.kernel, r.mode, r.dtype), []).append(r)
     lines = [
-        f"sm_90a, Triton {triton.__version__}, {len(rows)} distinct compiles "
-        f"(worst over each kernel's tile configs):",
+        (
+            f"sm_90a, Triton {triton.__version__}, {len(rows)} distinct compiles "
+            f"(worst over each kernel's tile configs):"
+        ),
         "",
-        "| kernel | mode | dtype | compiles | max regs | spill B | max shared KiB "
-        "| MMA | async loads | min CTAs/SM | check |",
+        (
+            "| kernel | mode | dtype | compiles | max regs | spill B | max shared KiB "
+            "| MMA | async loads | min CTAs/SM | check |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (kernel, mode, dtype), rs in groups.items():
@@ -320,11 +339,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 on failing rows")
     parser.add_argument("--readme", type=Path, help="rewrite its sm90-report section")
     parser.add_argument(
+        "--live",
+        action="store_true",
+        help="on a GPU: also load each cubin and compare the driver's counts",
+    )
+    parser.add_argument(
         "--no-write", action="store_true", help="do not write the result CSVs"
     )
     args = parser.parse_args(argv)
 
-    rows = collect(args.configs, args.batches, args.dtypes, tuple(args.modes))
+    if args.live and not torch.cuda.is_available():
+        parser.error("--live needs a CUDA device")
+    rows = collect(
+        args.configs, args.batches, args.dtypes, tuple(args.modes), args.live
+    )
     if not args.no_write:
         write_csv(STATIC_CSV, [r.csv_row() for r in rows])
         write_csv(ROOFLINE_CSV, roofline_rows(args.configs, args.batches))
