@@ -33,6 +33,11 @@ def compiled_for_gpu(t: torch.Tensor) -> bool:
     return t.is_cuda or t.is_meta
 
 
+def nchw_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """Element strides of a 4-D tensor in NCHW index order, whatever its memory layout."""
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
 def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
 
