@@ -92,8 +92,8 @@ class Row:
     dtype: str
     variant: str  # the constexprs and launch options that make this compile distinct
     registers: int
-    spill_bytes: int  # local memory per thread (spills)
-    stack_bytes: int
+    spill_bytes: int  # local memory per thread outside the stack frame
+    stack_bytes: int  # stack frame per thread: where ptxas puts spilled registers
     ldl: int
     stl: int
     shared_bytes: int
@@ -108,8 +108,11 @@ class Row:
 
     def problems(self) -> list[str]:
         found = []
-        if self.spill_bytes or self.ldl or self.stl:
-            found.append(f"spills {self.spill_bytes} B ({self.ldl} LDL/{self.stl} STL)")
+        if self.spill_bytes or self.stack_bytes or self.ldl or self.stl:
+            found.append(
+                f"spills: {self.stack_bytes} B stack, {self.spill_bytes} B local, "
+                f"{self.ldl} LDL/{self.stl} STL"
+            )
         if self.shared_bytes > SMEM_PER_BLOCK:
             found.append(f"shared {self.shared_bytes // 1024} KiB > 227 KiB")
         if self.uses_dot and self.mma != "HGMMA":
@@ -301,7 +304,7 @@ def table(rows: list[Row]) -> str:
         ),
         "",
         (
-            "| kernel | mode | dtype | compiles | max regs | spill B | max shared KiB "
+            "| kernel | mode | dtype | compiles | max regs | stack B | max shared KiB "
             "| MMA | async loads | min CTAs/SM | check |"
         ),
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -312,7 +315,7 @@ def table(rows: list[Row]) -> str:
         pipelined = sum(1 for r in rs if r.async_loads)
         lines.append(
             f"| {kernel} | {mode} | {dtype} | {len(rs)} | {max(r.registers for r in rs)} "
-            f"| {max(r.spill_bytes for r in rs)} "
+            f"| {max(r.stack_bytes + r.spill_bytes for r in rs)} "
             f"| {max(r.shared_bytes for r in rs) / 1024:.0f} | {mmas} "
             f"| {pipelined}/{len(rs)} | {min(r.ctas_per_sm for r in rs)} "
             f"| {'ok' if not failing else f'{failing} failing'} |"
