@@ -40,3 +40,10 @@ $(VENV)/.installed: $(SOURCES)
 
 clean:
 	rm -rf build *.egg-info inception_fused/*.so .system-install.stamp
+
+# make gpu-check [SYSTEM_PYTHON=1]: on a GPU machine, the CUDA suite, the sm_90a report
+# against the live device and the benchmark grid (benchmarks/gpu_check.py; --dry-run
+# prints the steps anywhere).
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_FLAGS)

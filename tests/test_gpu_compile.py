@@ -98,3 +98,41 @@ def test_kernels_compile_for_sm90(stage):
 
 if __name__ == "__main__":
     print(f"expected {run_stage(sys.argv[1])}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="kernels compile on the GPU")
+def test_sm90_report_check_passes_on_a_subset():
+    """benchmarks/sm90_report.py --check on 3a at batch 32 in bf16, eval and train:
+    no spills, HGMMA, pipelined main loops, shared memory within 227 KiB."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "benchmarks", "sm90_report.py"),
+            *("--configs", "3a", "--batches", "32", "--dtypes", "bf16"),
+            *("--modes", "eval", "train", "--check", "--no-write"),
+        ],
+        env=env,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert " 0 failing" in run.stdout
+
+
+def test_gpu_check_dry_run_lists_its_steps():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "gpu_check.py"), "--dry-run"],
+        capture_output=True,
+        check=True,
+        text=True,
+        timeout=120,
+    )
+    lines = run.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["step 1", "step 2", "step 3"]
+    assert "pytest" in lines[0] and "sm90_report.py --check --live" in lines[1]
+    assert "run_all.py" in lines[2] and "25 min" in lines[2]

@@ -38,6 +38,11 @@ def compiled_for_gpu(t: torch.Tensor) -> bool:
     return t.is_cuda or t.is_meta
 
 
+def nchw_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """Element strides of a 4-D tensor in NCHW index order, whatever its memory layout."""
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
 def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
 
@@ -63,6 +68,18 @@ def tile_config(
     block_m = 64 if m <= 8192 else 128
     block_k = 32 if dtype == torch.float32 else 64
     return TileConfig(block_m, 64, block_k)
+
+
+def pool_tile_config(cfg: TileConfig, on_gpu: bool) -> TileConfig:
+    """Tiles of the pool projection, whose input is the max of nine loads per step.
+
+    Same rows per tile as ``cfg`` (train statistics share one partials matrix); on the
+    GPU a K step of 16 and two stages keep nine pipelined [BLOCK_M, BLOCK_K] buffers
+    within shared memory and registers (the stem's K step would need ~340 KiB).
+    """
+    if not on_gpu or not cfg.use_dot:
+        return cfg
+    return TileConfig(cfg.block_m, cfg.block_n, 16, cfg.num_warps, 2, cfg.use_dot)
 
 
 def input_precision(dtype: torch.dtype) -> str:

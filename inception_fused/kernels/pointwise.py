@@ -1,6 +1,9 @@
-"""Launch A: everything that reads x, in one grid.
+"""Launch A: everything that reads x.
 
-Two kinds of tile share the grid's column axis:
+Two kinds of tile, compiled as two variants of one kernel (POOL_TILES) and launched one
+after the other, since a pool tile's nine loads per step need other tile sizes than a
+stem tile's one (in one compile the pool path's pipeline buffers would set the shared
+memory and registers of both):
 
 * stem tiles: x @ [W_1x1 | W_red3 | W_red5] + bias. Branch-1 columns land in their slice
   of the module output; the reduce columns land in a small scratch matrix for launch B.
@@ -18,7 +21,13 @@ import triton
 import triton.language as tl
 
 from .conv_tile import conv_tile, store_tile, tile_pixels
-from .launch import TileConfig, acc_dtype, input_precision
+from .launch import (
+    TileConfig,
+    acc_dtype,
+    compiled_for_gpu,
+    input_precision,
+    pool_tile_config,
+)
 
 
 @triton.jit
@@ -45,6 +54,7 @@ def inception_pointwise_kernel(
     C_POOL,  # branch-1 width, reduce width (r3 + r5), pool-projection width
     C_OUT,
     POOL_COL,  # output row stride and the pool slice's first channel
+    POOL_TILES: tl.constexpr,  # this launch's tiles: pool projection, else stem GEMM
     TRAIN: tl.constexpr,
     STATS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -57,9 +67,8 @@ def inception_pointwise_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows, n, oh, ow, row_ok = tile_pixels(pid_m, M, H, W, BLOCK_M)
-    stem_tiles = tl.cdiv(C1 + C_RED, BLOCK_N)
     part_stride = C_OUT + C_RED
-    if pid_n < stem_tiles:
+    if not POOL_TILES:
         n_cols = C1 + C_RED
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < n_cols
@@ -135,7 +144,7 @@ def inception_pointwise_kernel(
             BLOCK_M,
         )
     else:
-        cols = (pid_n - stem_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < C_POOL
         acc = conv_tile(
             x_ptr,
@@ -207,7 +216,8 @@ def launch_pointwise(
     ``out`` is [N, C_out, H, W] channels_last (an [M, C_out] row-major matrix). Eval
     (``train=False``) stores relu(acc + bias); ``train=True`` stores the pre-activation,
     and with ``partials`` = (mean, m2), each [cdiv(M, block_m), C_out + C_red] in the
-    accumulator dtype, the per-tile statistics of every column it writes.
+    accumulator dtype, the per-tile statistics of every column it writes. ``cfg`` tiles
+    the stem GEMM; the pool tiles take pool_tile_config(cfg) (same rows per tile).
     """
     n, c_in, h, w = x.shape
     m = n * h * w
@@ -215,41 +225,43 @@ def launch_pointwise(
     c_pool = pool_w.shape[1]
     c_out = out.shape[1]
     part_mean, part_m2 = partials if partials is not None else (stem_b, stem_b)
-    grid = (
-        triton.cdiv(m, cfg.block_m),
-        triton.cdiv(c1 + c_red, cfg.block_n) + triton.cdiv(c_pool, cfg.block_n),
-    )
-    inception_pointwise_kernel[grid](
-        x,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        stem_w,
-        stem_b,
-        pool_w,
-        pool_b,
-        out,
-        scratch,
-        part_mean,
-        part_m2,
-        m,
-        h,
-        w,
-        c_in,
-        c1,
-        c_red,
-        c_pool,
-        c_out,
-        c_out - c_pool,
-        TRAIN=train,
-        STATS=partials is not None,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        USE_DOT=cfg.use_dot,
-        INPUT_PRECISION=input_precision(x.dtype),
-        ACC_DTYPE=acc_dtype(x.dtype),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+    for pool, tiles, n_cols in (
+        (False, cfg, c1 + c_red),
+        (True, pool_tile_config(cfg, compiled_for_gpu(x)), c_pool),
+    ):
+        grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(n_cols, tiles.block_n))
+        inception_pointwise_kernel[grid](
+            x,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            x.stride(3),
+            stem_w,
+            stem_b,
+            pool_w,
+            pool_b,
+            out,
+            scratch,
+            part_mean,
+            part_m2,
+            m,
+            h,
+            w,
+            c_in,
+            c1,
+            c_red,
+            c_pool,
+            c_out,
+            c_out - c_pool,
+            POOL_TILES=pool,
+            TRAIN=train,
+            STATS=partials is not None,
+            BLOCK_M=tiles.block_m,
+            BLOCK_N=tiles.block_n,
+            BLOCK_K=tiles.block_k,
+            USE_DOT=tiles.use_dot,
+            INPUT_PRECISION=input_precision(x.dtype),
+            ACC_DTYPE=acc_dtype(x.dtype),
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+        )

@@ -1,0 +1,156 @@
+"""Data gradients of the 3x3 and "5x5" convs into the reduce layers' columns of G.
+
+A 'same' conv's data gradient is the 'same' conv of dz with the flipped, transposed
+kernel: one implicit-GEMM grid over both branches, as in launch B, whose epilogue also
+takes the reduce layers' per-tile ReLU/BN partial sums.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..folding import FoldedInception, accumulator_dtype, pack_weight
+from .conv_tile import conv_tile, nhwc_strides, tile_pixels
+from .launch import acc_dtype, compiled_for_gpu, input_precision, tile_config
+from .relu_bn_backward import masked_grad, store_partials
+
+
+@triton.jit
+def reduce_grad_kernel(
+    g_ptr,  # G [M, GC]: reads the dz3 / dz5 columns, writes the reduce columns
+    GC,
+    RED_COL,
+    COL3,  # G's first reduce column and first dz3 column
+    w3t_ptr,  # [K3*K3*C3, R3]: conv3's kernel flipped and transposed
+    w5t_ptr,
+    z_red_ptr,  # [M, R3 + R5]
+    mean_ptr,
+    invstd_ptr,
+    gamma_ptr,
+    beta_ptr,
+    part_dy_ptr,
+    part_dyx_ptr,
+    M,
+    H,
+    W,
+    R3,
+    R5,
+    C3,
+    C5,
+    K3,
+    K5,
+    HAS_BN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows, n, oh, ow, row_ok = tile_pixels(pid_m, M, H, W, BLOCK_M)
+    tiles3 = tl.cdiv(R3, BLOCK_N)
+    # Selects, not if/else, as in inception_spatial_kernel: the ints keep their alignment.
+    is3 = pid_n < tiles3
+    in_col = tl.where(is3, COL3, COL3 + C3)
+    c_in = tl.where(is3, C3, C5)
+    ks = tl.where(is3, K3, K5)
+    w_ptr = tl.where(is3, w3t_ptr, w5t_ptr)
+    n_cols = tl.where(is3, R3, R5)
+    red0 = tl.where(is3, 0, R3)
+    cols = tl.where(is3, pid_n, pid_n - tiles3) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    s_n, s_c, s_h, s_w = nhwc_strides(H, W, GC)
+    # A 'same' conv's data gradient is the 'same' conv of dz with the flipped kernel.
+    acc = conv_tile(
+        g_ptr + in_col,
+        s_n,
+        s_c,
+        s_h,
+        s_w,
+        n,
+        oh,
+        ow,
+        row_ok,
+        H,
+        W,
+        c_in,
+        w_ptr,
+        cols,
+        col_ok,
+        n_cols,
+        ks,
+        w_ptr,
+        w_ptr,
+        w_ptr,
+        w_ptr,  # no input activation: read as stored
+        False,
+        False,
+        False,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        USE_DOT,
+        INPUT_PRECISION,
+        ACC_DTYPE,
+    )
+    red_cols = red0 + cols
+    c_red = R3 + R5
+    ok = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    tl.store(
+        g_ptr + rows64 * GC + RED_COL + red_cols[None, :],
+        acc.to(g_ptr.dtype.element_ty),
+        mask=ok,
+    )
+    z = tl.load(z_red_ptr + rows64 * c_red + red_cols[None, :], mask=ok, other=0.0)
+    dyp, xhat = masked_grad(
+        acc, z, red_cols, col_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_BN
+    )
+    store_partials(dyp, xhat, pid_m, red_cols, col_ok, part_dy_ptr, part_dyx_ptr, c_red)
+
+
+def _flipped_transposed(packed: torch.Tensor, ks: int) -> torch.Tensor:
+    """Packed kernel of the data gradient: [ks*ks*C_out, C_in], flipped in space."""
+    weight = packed.view(ks, ks, -1, packed.shape[1]).permute(3, 2, 0, 1)
+    return pack_weight(weight.transpose(0, 1).flip(2, 3), packed.dtype)
+
+
+def launch_reduce_grad(
+    g: torch.Tensor,
+    w: FoldedInception,
+    z_red: torch.Tensor,
+    stats_red: tuple[torch.Tensor, ...],
+    shape: tuple[int, int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """G[:, c1 : c1 + r3 + r5] from G's dz3/dz5 columns; returns the per-tile partials.
+
+    ``g`` is G [M, C_out + r3 + r5] (columns [c1 | r3 | r5 | c3 | c5 | cp]); ``stats_red``
+    the reduce layers' (mean, invstd, gamma, beta), or () without BN; ``shape`` (M, H, W).
+    """
+    m, h, wd = shape
+    c1, r3, k3, k5 = w.c1, w.r3, w.k3, w.k5
+    r = w.stem_w.shape[1] - c1
+    c3, c5 = w.w3.shape[1], w.w5.shape[1]
+    dtype, dev = g.dtype, g.device
+    acc = accumulator_dtype(dtype)
+    cfg = tile_config(dtype, m, max(r3, r - r3), max(c3, c5), compiled_for_gpu(g))
+    tiles_m = triton.cdiv(m, cfg.block_m)
+    partials = (
+        torch.empty((tiles_m, r), dtype=acc, device=dev),
+        torch.empty((tiles_m, r), dtype=acc, device=dev),
+    )
+    vectors = stats_red or (torch.empty(0, dtype=acc, device=dev),) * 4
+    grid = (tiles_m, triton.cdiv(r3, cfg.block_n) + triton.cdiv(r - r3, cfg.block_n))
+    reduce_grad_kernel[grid](
+        g, g.shape[1], c1, c1 + r, _flipped_transposed(w.w3, k3),
+        _flipped_transposed(w.w5, k5), z_red, *vectors, *partials, m, h, wd, r3, r - r3,
+        c3, c5, k3, k5, HAS_BN=bool(stats_red), BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
+        INPUT_PRECISION=input_precision(dtype), ACC_DTYPE=acc_dtype(dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return partials
