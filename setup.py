@@ -35,7 +35,14 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "torchvision"],
     extras_require={
-        "test": ["pytest", "numpy"],
+        "test": [
+            "pytest",
+            "numpy",
+            "hypothesis",
+            "onnx",
+            "onnxscript",
+            "onnxruntime",
+        ],
         "bench": ["matplotlib", "numpy"],
     },
     ext_modules=ext_modules,

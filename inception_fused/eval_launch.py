@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from .folding import FoldedInception
-from .kernels.launch import TileConfig, on_device, tile_config
+from .kernels.launch import TileConfig, compiled_for_gpu, on_device, tile_config
 from .kernels.pointwise import launch_pointwise
 from .kernels.spatial import launch_spatial
 
@@ -50,7 +50,7 @@ def inception_eval_forward(x: torch.Tensor, f: FoldedInception) -> torch.Tensor:
 
     x may have any strides (NCHW-contiguous and channels_last both read without a copy).
     """
-    plan = launch_plan(x.shape, x.dtype, x.is_cuda, f.widths)
+    plan = launch_plan(x.shape, x.dtype, compiled_for_gpu(x), f.widths)
     out = torch.empty(
         plan.out_shape,
         device=x.device,

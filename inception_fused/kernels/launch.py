@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,19 @@ class TileConfig:
 
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:  # Triton < 3.4 reads the variable itself, and only "1" counts
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)
+
+
+def compiled_for_gpu(t: torch.Tensor) -> bool:
+    """Whether kernels on ``t`` are compiled for a GPU (else the interpreter runs them).
+
+    Meta tensors stand for CUDA tensors in ahead-of-time compiles (kernels/aot.py), so the
+    launchers pick the tiles they would pick on a GPU.
+    """
+    return t.is_cuda or t.is_meta
 
 
 def _pow2(x: int, lo: int, hi: int) -> int:
