@@ -23,11 +23,12 @@ weight gradients through aten), which on a GPU are asynchronous launches. CPU ru
 thread: host work is serial, and a loaded machine's OpenMP spinning would swamp it.
 
 Calls are timed one by one, in runs of consecutive calls of one path that alternate
-between paths (warm caches as in a loop, load from other processes spread alike); medians and 20/80 quantiles in microseconds are printed
-and appended to ``benchmarks/results/overhead-<device>.csv``.
+between paths (warm caches as in a loop, load from other processes spread alike), up to
+``--rounds`` calls or ``--seconds`` per path; medians and 20/80 quantiles in microseconds
+are printed and appended to ``benchmarks/results/overhead-<device>.csv``.
 
     python benchmarks/bench_overhead.py [--configs 3a,5b] [--batch 1] [--spatial N]
-                                        [--rounds 2000] [--quick]
+                                        [--rounds 2000] [--seconds 3] [--quick]
 """
 
 from __future__ import annotations
@@ -182,10 +183,12 @@ def _timed_train(
 def measure(
     paths: dict[tuple[str, str], Callable[[], float]],
     rounds: int,
+    seconds: float,
     sync: Callable,
     chunks: int = 10,
 ) -> dict[tuple[str, str], list[float]]:
-    """``rounds`` timed calls per path, in ``chunks`` runs of consecutive calls that
+    """Up to ``rounds`` timed calls per path (fewer where they would take more than
+    ``seconds``; at least one per chunk), in ``chunks`` runs of consecutive calls that
     alternate between paths: caches stay as warm as in a loop of one block's calls,
     while load from other processes is spread over every path alike."""
     for fn in paths.values():  # warm up: folds, caches, lazy imports
@@ -196,9 +199,12 @@ def measure(
     per_chunk = max(1, rounds // chunks)
     for _ in range(chunks):
         for key, fn in paths.items():
+            start = time.perf_counter()
             for _ in range(per_chunk):
                 times[key].append(fn() * 1e6)
                 sync()  # keep the CUDA queue short; outside every timed region
+                if time.perf_counter() - start > seconds / chunks:
+                    break
     return times
 
 
@@ -209,7 +215,10 @@ def main() -> None:
     parser.add_argument(
         "--spatial", type=int, help="map size (default: the config's on CUDA, 2 on CPU)"
     )
-    parser.add_argument("--rounds", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=2000, help="calls per path")
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="at most this long per path"
+    )
     parser.add_argument("--quick", action="store_true", help="3a and 5b, 100 rounds")
     args = parser.parse_args()
     configs = parse_csv_arg(args.configs, GOOGLENET_CONFIGS)
@@ -230,7 +239,6 @@ def main() -> None:
         "batch": args.batch,
         "spatial": side or "native",
         "tensors": device.type,
-        "calls": rounds,
     }
     out_dir = RESULTS_DIR / "quick" if args.quick else RESULTS_DIR
     path = out_dir / f"overhead-{slugify(device_name(device))}.csv"
@@ -243,9 +251,11 @@ def main() -> None:
             writer.writeheader()
         for name in configs:
             block = Paths(name, device, args.batch, side)
-            times = measure(block.calls(device), rounds, block.sync)
+            times = measure(block.calls(device), rounds, args.seconds, block.sync)
             with launchers_stubbed():
-                times |= measure(block.launcher_calls(), rounds, block.sync)
+                times |= measure(
+                    block.launcher_calls(), rounds, args.seconds, block.sync
+                )
             for (mode, provider), values in times.items():
                 q = statistics.quantiles(values, n=10, method="inclusive")
                 median = statistics.median(values)
@@ -258,6 +268,7 @@ def main() -> None:
                         "median_us": f"{median:.1f}",
                         "q20_us": f"{q[1]:.1f}",
                         "q80_us": f"{q[7]:.1f}",
+                        "calls": len(values),
                     }
                 )
                 print(
