@@ -5,7 +5,11 @@ work around them decides the latency. This script replaces every Triton launch
 (``kernel[grid](...)``) and the C++ backend's entry with no-ops and times what is left,
 per call, for each of the nine GoogLeNet configurations at batch 1:
 
-    eval        FusedInceptionModule eval forward, Triton backend, under no_grad
+    eval        FusedInceptionModule eval forward, Triton backend, under no_grad, with
+                its two launchers (launch_pointwise, launch_spatial) stubbed: the
+                module's own host work, as issue 15 measures it
+    eval+launch the same with only the kernel launches stubbed (the launchers' grid and
+                argument work included)
     eval-cpp    the same through the C++ CPU backend (its compute stubbed)
     train-fwd   train-mode forward (batch statistics) of an input that requires grad
     train-bwd   the backward of that forward
@@ -18,12 +22,13 @@ include real allocations and the train path's small real CPU ops (weight packing
 weight gradients through aten), which on a GPU are asynchronous launches. CPU runs use one
 thread: host work is serial, and a loaded machine's OpenMP spinning would swamp it.
 
-Calls are timed one by one in interleaved rounds (every path once per round, so load from
-other processes hits them alike); medians and 20/80 quantiles in microseconds are printed
-and appended to ``benchmarks/results/overhead-<device>.csv``.
+Calls are timed one by one, in runs of consecutive calls of one path that alternate
+between paths (warm caches as in a loop, load from other processes spread alike), up to
+``--rounds`` calls or ``--seconds`` per path; medians and 20/80 quantiles in microseconds
+are printed and appended to ``benchmarks/results/overhead-<device>.csv``.
 
     python benchmarks/bench_overhead.py [--configs 3a,5b] [--batch 1] [--spatial N]
-                                        [--rounds 2000] [--quick]
+                                        [--rounds 2000] [--seconds 3] [--quick]
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import importlib
 import os
 import statistics
 import time
@@ -67,6 +73,25 @@ FIELDS = (
     "q80_us",
     "calls",
 )
+
+
+def _eval_launch_module():
+    try:
+        return importlib.import_module("inception_fused.eval_launch")
+    except ImportError:  # before the rename, to measure the old code the same way
+        return importlib.import_module("inception_fused.ops")
+
+
+@contextlib.contextmanager
+def launchers_stubbed() -> Iterator[None]:
+    """The eval forward's two launchers become no-ops."""
+    mod = _eval_launch_module()
+    saved = mod.launch_pointwise, mod.launch_spatial
+    mod.launch_pointwise = mod.launch_spatial = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        mod.launch_pointwise, mod.launch_spatial = saved
 
 
 @contextlib.contextmanager
@@ -110,9 +135,14 @@ class Paths:
         self.ref_train = InceptionModule(*cfg.channels).to(device).train()
         self.sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
+    def launcher_calls(self) -> dict[tuple[str, str], Callable[[], float]]:
+        """Timed under launchers_stubbed()."""
+        return {("eval", "fused"): lambda: _timed_eval(self.eval_triton, self.x)}
+
     def calls(self, device: torch.device) -> dict[tuple[str, str], Callable[[], float]]:
+        """Timed under launches_stubbed()."""
         fused = {
-            ("eval", "fused"): lambda: _timed_eval(self.eval_triton, self.x),
+            ("eval+launch", "fused"): lambda: _timed_eval(self.eval_triton, self.x),
             ("train-fwd", "fused"): lambda: _timed_train(self.train, self.x, None),
             ("train-bwd", "fused"): lambda: _timed_train(self.train, self.x, self.grad),
         }
@@ -151,17 +181,30 @@ def _timed_train(
 
 
 def measure(
-    paths: dict[tuple[str, str], Callable[[], float]], rounds: int, sync: Callable
+    paths: dict[tuple[str, str], Callable[[], float]],
+    rounds: int,
+    seconds: float,
+    sync: Callable,
+    chunks: int = 10,
 ) -> dict[tuple[str, str], list[float]]:
+    """Up to ``rounds`` timed calls per path (fewer where they would take more than
+    ``seconds``; at least one per chunk), in ``chunks`` runs of consecutive calls that
+    alternate between paths: caches stay as warm as in a loop of one block's calls,
+    while load from other processes is spread over every path alike."""
     for fn in paths.values():  # warm up: folds, caches, lazy imports
         for _ in range(5):
             fn()
     sync()
     times: dict[tuple[str, str], list[float]] = {key: [] for key in paths}
-    for _ in range(rounds):
+    per_chunk = max(1, rounds // chunks)
+    for _ in range(chunks):
         for key, fn in paths.items():
-            times[key].append(fn() * 1e6)
-        sync()  # keep the CUDA queue short; outside every timed region
+            start = time.perf_counter()
+            for _ in range(per_chunk):
+                times[key].append(fn() * 1e6)
+                sync()  # keep the CUDA queue short; outside every timed region
+                if time.perf_counter() - start > seconds / chunks:
+                    break
     return times
 
 
@@ -172,7 +215,10 @@ def main() -> None:
     parser.add_argument(
         "--spatial", type=int, help="map size (default: the config's on CUDA, 2 on CPU)"
     )
-    parser.add_argument("--rounds", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=2000, help="calls per path")
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="at most this long per path"
+    )
     parser.add_argument("--quick", action="store_true", help="3a and 5b, 100 rounds")
     args = parser.parse_args()
     configs = parse_csv_arg(args.configs, GOOGLENET_CONFIGS)
@@ -193,7 +239,6 @@ def main() -> None:
         "batch": args.batch,
         "spatial": side or "native",
         "tensors": device.type,
-        "calls": rounds,
     }
     out_dir = RESULTS_DIR / "quick" if args.quick else RESULTS_DIR
     path = out_dir / f"overhead-{slugify(device_name(device))}.csv"
@@ -206,7 +251,11 @@ def main() -> None:
             writer.writeheader()
         for name in configs:
             block = Paths(name, device, args.batch, side)
-            times = measure(block.calls(device), rounds, block.sync)
+            times = measure(block.calls(device), rounds, args.seconds, block.sync)
+            with launchers_stubbed():
+                times |= measure(
+                    block.launcher_calls(), rounds, args.seconds, block.sync
+                )
             for (mode, provider), values in times.items():
                 q = statistics.quantiles(values, n=10, method="inclusive")
                 median = statistics.median(values)
@@ -219,10 +268,11 @@ def main() -> None:
                         "median_us": f"{median:.1f}",
                         "q20_us": f"{q[1]:.1f}",
                         "q80_us": f"{q[7]:.1f}",
+                        "calls": len(values),
                     }
                 )
                 print(
-                    f"{name:>3} {mode:>9} {provider:<15} {median:8.1f} us "
+                    f"{name:>3} {mode:>11} {provider:<10} {median:8.1f} us "
                     f"[{q[1]:.1f}, {q[7]:.1f}]",
                     flush=True,
                 )

@@ -71,7 +71,7 @@ def cpu_eval_forward(
     w3, w5 = winograd if winograd is not None else winograd_weights(ext, f)
     return ext.eval_forward(
         x,
-        *f.as_args(),
+        *f.args,
         w3,
         w5,
     )

@@ -28,14 +28,12 @@ def launch_plan(
     x_shape: tuple[int, int, int, int],
     dtype: torch.dtype,
     on_gpu: bool,
-    c_stem: int,
-    c1: int,
-    r3: int,
-    c3: int,
-    c5: int,
-    c_pool: int,
+    widths: tuple[int, int, int, int, int, int],
 ) -> LaunchPlan:
+    """The plan for an input of ``x_shape`` and a fold of ``widths``
+    (:attr:`FoldedInception.widths`)."""
     n, c_in, h, w = x_shape
+    c_stem, c1, r3, c3, c5, c_pool = widths
     m = n * h * w
     c_red = c_stem - c1
     return LaunchPlan(
@@ -52,17 +50,7 @@ def inception_eval_forward(x: torch.Tensor, f: FoldedInception) -> torch.Tensor:
 
     x may have any strides (NCHW-contiguous and channels_last both read without a copy).
     """
-    plan = launch_plan(
-        tuple(x.shape),
-        x.dtype,
-        compiled_for_gpu(x),
-        f.stem_w.shape[1],
-        f.c1,
-        f.r3,
-        f.w3.shape[1],
-        f.w5.shape[1],
-        f.pool_w.shape[1],
-    )
+    plan = launch_plan(x.shape, x.dtype, compiled_for_gpu(x), f.widths)
     out = torch.empty(
         plan.out_shape,
         device=x.device,

@@ -110,4 +110,4 @@ def eval_forward(x: torch.Tensor, f: FoldedInception, backend: str) -> torch.Ten
     winograd = (None, None)
     if backend == "cpu" and not torch.compiler.is_compiling():
         winograd = winograd_weights(load_extension(), f)
-    return _eval_forward_op(x, *f.as_args(), backend, *winograd)
+    return _eval_forward_op(x, *f.args, backend, *winograd)

@@ -25,6 +25,7 @@ edits of inference tensors (they carry no version counter; they are compared by 
 from __future__ import annotations
 
 import collections
+import operator
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -95,24 +96,32 @@ nn_module.register_module_buffer_registration_hook(_after_registration)
 nn_module.register_module_module_registration_hook(_after_registration)
 
 
-def module_tensors(modules: Iterable[nn.Module]) -> list[torch.Tensor | None]:
-    """Every parameter and buffer held directly by ``modules`` (None where unset), read
-    from the modules' own dicts: cheap enough to call on every forward."""
-    return [
-        t
-        for m in modules
-        for d in (m._parameters, m._buffers)  # the dicts: no nn.Module.__getattr__
-        for t in d.values()
-    ]
+def tensor_dicts(modules: Iterable[nn.Module]) -> tuple[dict, ...]:
+    """The parameter and buffer dicts of ``modules``: what :func:`dict_tensors` reads.
+    The dicts live as long as their modules; keep them until structure_version()
+    changes."""
+    return tuple(d for m in modules for d in (m._parameters, m._buffers) if d)
 
 
-def _versions(tensors: Sequence[torch.Tensor | None]) -> tuple[int, ...]:
+def dict_tensors(dicts: Iterable[dict]) -> list[torch.Tensor]:
+    """The tensors in ``dicts`` (unset ones left out), cheap enough for every call. Read
+    afresh each time: torch.func.functional_call writes into these dicts directly."""
+    return [t for d in dicts for t in d.values() if t is not None]
+
+
+def module_tensors(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
+    """Every parameter and buffer held directly by ``modules`` (unset ones left out)."""
+    return dict_tensors(tensor_dicts(modules))
+
+
+_version = operator.attrgetter("_version")
+
+
+def _versions(tensors: Sequence[torch.Tensor | None]) -> list[int]:
     try:
-        return tuple([-1 if t is None else t._version for t in tensors])
-    except RuntimeError:  # inference tensors carry no version counter
-        return tuple(
-            -1 if t is None or t.is_inference() else t._version for t in tensors
-        )
+        return list(map(_version, tensors))
+    except (AttributeError, RuntimeError):  # None; inference tensors have no counter
+        return [-1 if t is None or t.is_inference() else t._version for t in tensors]
 
 
 class FoldCache(Generic[T]):
@@ -134,8 +143,8 @@ class FoldCache(Generic[T]):
         """Drop the value: the next :meth:`get` rebuilds."""
         self._value: T | None = None
         self._tensors: tuple[torch.Tensor | None, ...] = ()
-        self._ids: tuple[int, ...] = ()
-        self._versions: tuple[int, ...] = ()
+        self._ids: frozenset[int] = frozenset()
+        self._versions: list[int] = []
         self._key: Hashable = None
         self._event = -1
 
@@ -150,17 +159,17 @@ class FoldCache(Generic[T]):
         build: Callable[[], T],
         extra_key: Hashable = (),
     ) -> T:
-        ids = tuple(map(id, tensors))
         versions = _versions(tensors)
         if (
             self._event < 0
-            or ids != self._ids
             or versions != self._versions
+            or len(tensors) != len(self._tensors)
+            or not all(map(operator.is_, tensors, self._tensors))
             or extra_key != self._key
             or (self._event != _event_count and self._stepped())
         ):
             self._value = build()
-            self._tensors, self._ids = tuple(tensors), ids
+            self._tensors, self._ids = tuple(tensors), frozenset(map(id, tensors))
             self._versions, self._key = versions, extra_key
         self._event = _event_count
         return self._value  # type: ignore[return-value]
@@ -169,9 +178,8 @@ class FoldCache(Generic[T]):
         """Whether an event since this cache's last use may have changed its tensors."""
         if not _events or _events[0][0] > self._event + 1:
             return True  # fell behind the log
-        watched = set(self._ids)
         return any(
-            ids is None or not watched.isdisjoint(ids)
+            ids is None or not self._ids.isdisjoint(ids)
             for number, ids in _events
             if number > self._event
         )

@@ -6,6 +6,7 @@ Weights are packed in the layout the kernels read, an implicit-GEMM matrix
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -30,9 +31,22 @@ class FoldedInception:
     k3: int
     k5: int
 
-    def as_args(self) -> tuple[torch.Tensor | int, ...]:
+    @functools.cached_property
+    def args(self) -> tuple[torch.Tensor | int, ...]:
         """The fields in order: the argument list of the eval op and the C++ entry."""
         return tuple(getattr(self, field.name) for field in fields(self))
+
+    @functools.cached_property
+    def widths(self) -> tuple[int, int, int, int, int, int]:
+        """(stem columns, c1, r3, c3, c5, pool): what a launch plan needs of the fold."""
+        return (
+            self.stem_w.shape[1],
+            self.c1,
+            self.r3,
+            self.w3.shape[1],
+            self.w5.shape[1],
+            self.pool_w.shape[1],
+        )
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:

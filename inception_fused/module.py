@@ -12,7 +12,7 @@ from torch import nn
 
 from .cpu import CPU_DTYPES
 from .eval_op import eval_forward
-from .fold_cache import FoldCache, module_tensors, structure_version
+from .fold_cache import FoldCache, dict_tensors, structure_version, tensor_dicts
 from .folding import FoldedInception, conv_blocks, fold_inception
 from .kernels.launch import interpreting
 from .onnx_export import exporting_onnx, onnx_forward
@@ -31,19 +31,23 @@ class _Layout(NamedTuple):
     registered a parameter, buffer or submodule (fold_cache.structure_version)."""
 
     structure: int
+    first_conv: nn.Module  # its weight's device and dtype are the module's
     bns: tuple[nn.Module, ...]  # the six BatchNorms; () with batch_norm=False
-    watched: tuple[nn.Module, ...]  # every submodule holding parameters or buffers
+    tensor_dicts: tuple[dict, ...]  # every submodule's parameter and buffer dicts
     syncs_batch_stats: bool  # a SyncBatchNorm (convert_sync_batchnorm) among the BNs
+    tracks_running_stats: bool  # every BN has running statistics (buffers, not None)
 
 
 def _layout(module: InceptionModule) -> _Layout:
-    bns = tuple(b.bn for b in conv_blocks(module))
-    bns = () if bns[0] is None else bns
+    blocks = conv_blocks(module)
+    bns = () if blocks[0].bn is None else tuple(b.bn for b in blocks)
     return _Layout(
         structure=structure_version(),
+        first_conv=blocks[0].conv,
         bns=bns,
-        watched=tuple(m for m in module.modules() if m._parameters or m._buffers),
+        tensor_dicts=tensor_dicts(module.modules()),
         syncs_batch_stats=any(isinstance(bn, nn.SyncBatchNorm) for bn in bns),
+        tracks_running_stats=all(bn.running_mean is not None for bn in bns),
     )
 
 
@@ -124,7 +128,7 @@ class FusedInceptionModule(InceptionModule):
         ``inception_fused.refold(model)`` was called. Edits that bypass all of these
         (``p.data.copy_(...)`` in eval mode) need that call.
         """
-        tensors = module_tensors(self._layout().watched)
+        tensors = dict_tensors(self._layout().tensor_dicts)
         return self._fold_cache.get(
             tensors, functools.partial(self._fold, dtype), dtype
         )
@@ -166,26 +170,26 @@ class FusedInceptionModule(InceptionModule):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        # While tracing, read the module afresh: a graph cannot check a cache.
+        tracing = torch.compiler.is_compiling()
+        layout = _layout(self) if tracing else self._layout()
+        self._check_input(x, layout.first_conv.weight)
         if exporting_onnx():  # no ONNX runtime knows our op: record standard ops
             return onnx_forward(self, x)
         compute_dtype, out_dtype = _dtypes(x)
         backend = self._resolve_backend(x, compute_dtype)
         if backend == "reference":
             return super().forward(x)
-        # While tracing, read the module afresh: a graph cannot check a cache.
-        tracing = torch.compiler.is_compiling()
-        layout = _layout(self) if tracing else self._layout()
         training = self.training or any(bn.training for bn in layout.bns)
         if training and layout.syncs_batch_stats:
             # SyncBatchNorm shares batch statistics across processes, which only the
             # reference math does.
             return super().forward(x)
-        tensors = module_tensors(layout.watched)
+        tensors = dict_tensors(layout.tensor_dicts)
         needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
+            x.requires_grad or any(t.requires_grad for t in tensors)
         )
-        if training or needs_grad or not _tracks_running_stats(layout):
+        if training or needs_grad or not layout.tracks_running_stats:
             # Batch statistics or gradients: the Triton train kernels behind an autograd
             # op. The C++ backend is eval-only, so CPU training runs the reference math,
             # as do BN layers that disagree on train/eval mode and empty inputs.
@@ -234,7 +238,7 @@ class FusedInceptionModule(InceptionModule):
             )
         return "reference"  # auto: no fused CPU kernel for this dtype
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor, weight: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
         if x.dim() != 4:
@@ -248,7 +252,6 @@ class FusedInceptionModule(InceptionModule):
                 f"expected {self.in_channels} input channels, got {x.shape[1]} "
                 f"(input shape {tuple(x.shape)})"
             )
-        weight = self.branch1.conv.weight
         if x.device != weight.device:
             raise ValueError(
                 f"input is on {x.device} but the module's parameters are on {weight.device}"
@@ -258,7 +261,3 @@ class FusedInceptionModule(InceptionModule):
                 f"input dtype {x.dtype} does not match the module's parameter dtype "
                 f"{weight.dtype}; convert one of them or use torch.autocast"
             )
-
-
-def _tracks_running_stats(layout: _Layout) -> bool:
-    return all(bn._buffers.get("running_mean") is not None for bn in layout.bns)

@@ -4,7 +4,9 @@
 running-stat update, or frozen running statistics) and returns the output together with
 what the backward needs; ``inception_fused::train_backward`` runs the backward kernels.
 Both take flat tensors (so torch.compile sees them without a graph break) and rebuild the
-packed weights and BN vectors inside. The module calls :func:`fused_train_forward`.
+packed weights and BN vectors inside. Eager calls (eval_op.unobserved) run the ops' bodies
+without the dispatcher, and the backward reuses the forward's packed weights. The module
+calls :func:`fused_train_forward`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .eval_op import unobserved
 from .folding import (
     BNParams,
     FoldedInception,
@@ -84,6 +87,37 @@ def _bn_params(
     )
 
 
+def _packed_forward(
+    x: Tensor,
+    conv_weights: list[Tensor],
+    conv_biases: list[Tensor | None],
+    bn_weights: list[Tensor | None],
+    bn_biases: list[Tensor | None],
+    running_mean: list[Tensor],
+    running_var: list[Tensor],
+    num_batches_tracked: list[Tensor],
+    eps: list[float],
+    momentum: list[float],
+    cumulative: list[bool],
+    batch_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, FoldedInception, BNParams | None]:
+    """The forward op's outputs, then the packed weights and BN vectors it built (what
+    the backward needs of them: an eager backward takes them instead of repacking)."""
+    momenta = [None if c else m for m, c in zip(momentum, cumulative, strict=True)]
+    running = (running_mean, running_var, num_batches_tracked) if running_mean else None
+    with torch.autocast(x.device.type, enabled=False), on_device(x):
+        w = _pack(conv_weights, conv_biases, x.dtype)
+        bn = _bn_params(
+            conv_weights, bn_weights, bn_biases, eps, running, momenta, x.dtype
+        )
+        f = train_forward(x, w, bn, batch_stats)
+    if bn is None:
+        stats = x.new_empty(0, dtype=accumulator_dtype(x.dtype))
+    else:
+        stats = torch.cat([f.mean_out, f.invstd_out, f.mean_red, f.invstd_red])
+    return f.out, f.z_out, f.z_red, stats, w, bn
+
+
 @torch.library.custom_op(
     "inception_fused::train_forward",
     mutates_args=("running_mean", "running_var", "num_batches_tracked"),
@@ -109,19 +143,11 @@ def _train_forward_op(
     Running-stat lists: six tensors, or empty when the BNs do not track running stats.
     ``cumulative[i]``: momentum=None.
     """
-    momenta = [None if c else m for m, c in zip(momentum, cumulative, strict=True)]
-    running = (running_mean, running_var, num_batches_tracked) if running_mean else None
-    with torch.autocast(x.device.type, enabled=False), on_device(x):
-        w = _pack(conv_weights, conv_biases, x.dtype)
-        bn = _bn_params(
-            conv_weights, bn_weights, bn_biases, eps, running, momenta, x.dtype
-        )
-        f = train_forward(x, w, bn, batch_stats)
-    if bn is None:
-        stats = x.new_empty(0, dtype=accumulator_dtype(x.dtype))
-    else:
-        stats = torch.cat([f.mean_out, f.invstd_out, f.mean_red, f.invstd_red])
-    return f.out, f.z_out, f.z_red, stats
+    out, z_out, z_red, stats, _, _ = _packed_forward(
+        x, conv_weights, conv_biases, bn_weights, bn_biases, running_mean,
+        running_var, num_batches_tracked, eps, momentum, cumulative, batch_stats,
+    )  # fmt: skip
+    return out, z_out, z_red, stats
 
 
 @_train_forward_op.register_fake
@@ -147,6 +173,34 @@ def _(
     )
 
 
+def _packed_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    w: FoldedInception,
+    bn: BNParams | None,
+    z_out: Tensor,
+    z_red: Tensor,
+    stats: Tensor,
+    batch_stats: bool,
+    needs_input_grad: bool,
+) -> list[Tensor]:
+    """The backward op's result from packed weights and BN vectors (biases and running
+    statistics unused)."""
+    with torch.autocast(x.device.type, enabled=False), on_device(x):
+        c_out, c_red = z_out.shape[1], z_red.shape[1]
+        vectors = (
+            stats.split([c_out, c_out, c_red, c_red]) if bn is not None else (None,) * 4
+        )
+        saved = TrainForward(None, z_out, z_red, *vectors)  # out: unused here
+        flat = train_backward_flat(
+            grad_out.to(x.dtype), x, w, bn, batch_stats, saved, needs_input_grad
+        )
+    grad_x = flat.grad_x if needs_input_grad else x.new_empty(0)
+    # aten picks the conv weight grads' memory format; the op promises contiguous ones.
+    flat = flat._replace(w3=flat.w3.contiguous(), w5=flat.w5.contiguous())
+    return [grad_x, *flat[1:]]
+
+
 @torch.library.custom_op("inception_fused::train_backward", mutates_args=())
 def _train_backward_op(
     grad_out: Tensor,
@@ -162,21 +216,14 @@ def _train_backward_op(
     needs_input_grad: bool,
 ) -> list[Tensor]:
     """The FlatGrads fields as a list; grad_x is empty when not needed."""
-    with torch.autocast(x.device.type, enabled=False), on_device(x):
+    with torch.autocast(x.device.type, enabled=False):
         w = _pack(conv_weights, [None] * 6, x.dtype)
         bn = _bn_params(
             conv_weights, bn_weights, bn_biases, eps, None, [None] * 6, x.dtype
         )
-        c_out, c_red = z_out.shape[1], z_red.shape[1]
-        vectors = stats.split([c_out, c_out, c_red, c_red]) if eps else (None,) * 4
-        saved = TrainForward(None, z_out, z_red, *vectors)  # out: unused here
-        flat = train_backward_flat(
-            grad_out.to(x.dtype), x, w, bn, batch_stats, saved, needs_input_grad
-        )
-    grad_x = flat.grad_x if needs_input_grad else x.new_empty(0)
-    # aten picks the conv weight grads' memory format; the op promises contiguous ones.
-    flat = flat._replace(w3=flat.w3.contiguous(), w5=flat.w5.contiguous())
-    return [grad_x, *flat[1:]]
+    return _packed_backward(
+        grad_out, x, w, bn, z_out, z_red, stats, batch_stats, needs_input_grad
+    )
 
 
 @_train_backward_op.register_fake
@@ -219,12 +266,18 @@ class _InceptionTrain(torch.autograd.Function):
         conv_weights, conv_biases = list(params[0:6]), list(params[6:12])
         bn_weights, bn_biases = list(params[12:18]), list(params[18:24])
         has_bn = bool(bn["eps"])
-        out, z_out, z_red, stats = _train_forward_op(
+        args = (
             x, conv_weights, conv_biases,
             bn_weights if has_bn else [], bn_biases if has_bn else [],
             bn["running_mean"], bn["running_var"], bn["num_batches_tracked"],
             bn["eps"], bn["momentum"], bn["cumulative"], bn["batch_stats"],
         )  # fmt: skip
+        # Eager calls skip the dispatcher and keep the packed weights for backward.
+        ctx.packed = None
+        if unobserved(x):
+            out, z_out, z_red, stats, *ctx.packed = _packed_forward(*args)
+        else:
+            out, z_out, z_red, stats = _train_forward_op(*args)
         ctx.save_for_backward(x, *params, z_out, z_red, stats)
         ctx.eps = bn["eps"]
         ctx.batch_stats = bn["batch_stats"]
@@ -236,15 +289,21 @@ class _InceptionTrain(torch.autograd.Function):
         params, (z_out, z_red, stats) = params[:24], params[24:]
         conv_weights = params[0:6]
         has_bn = bool(ctx.eps)
-        bn_weights = params[12:18] if has_bn else []
-        bn_biases = params[18:24] if has_bn else []
         needs_x = ctx.needs_input_grad[1]
-        flat = FlatGrads(
-            *_train_backward_op(
-                grad_out, x, conv_weights, bn_weights, bn_biases, ctx.eps, z_out,
-                z_red, stats, ctx.batch_stats, needs_x,
-            )
-        )  # fmt: skip
+        # Through the op while tracing, or to raise on double backward (create_graph).
+        if ctx.packed and unobserved(grad_out) and not torch.is_grad_enabled():
+            grads = _packed_backward(
+                grad_out, x, *ctx.packed, z_out, z_red, stats, ctx.batch_stats,
+                needs_x,
+            )  # fmt: skip
+        else:
+            grads = _train_backward_op(
+                grad_out, x, conv_weights, params[12:18] if has_bn else [],
+                params[18:24] if has_bn else [], ctx.eps, z_out, z_red, stats,
+                ctx.batch_stats, needs_x,
+            )  # fmt: skip
+        ctx.packed = None
+        flat = FlatGrads(*grads)
         grads = split_grads(
             flat._replace(grad_x=flat.grad_x if needs_x else None),
             conv_weights[0].shape[0],
