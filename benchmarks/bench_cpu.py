@@ -33,13 +33,10 @@ from inception_fused import FusedInceptionModule, InceptionModule
 from inception_fused.configs import GOOGLENET_CONFIGS
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Which machine and build a run is: the first columns of every CPU results CSV.
+RUN_FIELDS = ["time_utc", "cpu", "cores", "threads", "torch", "commit"]
 FIELDS = [
-    "time_utc",
-    "cpu",
-    "cores",
-    "threads",
-    "torch",
-    "commit",
+    *RUN_FIELDS,
     "config",
     "batch",
     "dtype",
@@ -123,14 +120,34 @@ def bench_config(
 CPU_BEGIN, CPU_END = "<!-- cpu-results:begin -->", "<!-- cpu-results:end -->"
 
 
+def append_rows(name: str, fields: list[str], rows: list[dict]) -> Path:
+    """Append rows to results/<name> (header first when the file is new)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def newest_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a results CSV's newest run (latest time_utc)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    newest = max(r["time_utc"] for r in rows)
+    return [r for r in rows if r["time_utc"] == newest]
+
+
 def results_table() -> str:
     """Markdown table of the newest run (latest time_utc) in each results/cpu-*.csv."""
     out = []
     for path in sorted(RESULTS.glob("cpu-*.csv")):
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        newest = max(r["time_utc"] for r in rows)
-        rows = [r for r in rows if r["time_utc"] == newest]
+        if path.name.startswith("cpu-network-"):
+            continue  # bench_cpu_network.py's
+        rows = newest_rows(path)
         first = rows[0]
         out += [
             (
@@ -234,14 +251,7 @@ def main() -> None:
                 f"{med[eager] / med['fused']:>7.2f}x {vs_compile}",
                 flush=True,
             )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"cpu-{machine_slug(model, cores)}.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    path = append_rows(f"cpu-{machine_slug(model, cores)}.csv", FIELDS, rows)
     print(f"eager = faster of channels_last / NCHW; [q20,q80]; appended to {path}")
 
 

@@ -6,6 +6,7 @@
 #include <tuple>
 
 #include "inception_cpu.h"
+#include "network.h"
 
 namespace inception_cpu {
 namespace {
@@ -17,16 +18,6 @@ void check_weight(const at::Tensor& t, const char* name, const at::Tensor& x,
               "inception_fused CPU backend: ", name, " must be a contiguous ", dim,
               "-D CPU tensor of dtype ", x.scalar_type(), ", got ", t.sizes(), " ",
               t.scalar_type(), " on ", t.device());
-}
-
-template <typename T>
-Weights<T> weights(const at::Tensor& w, const at::Tensor& b, int64_t col, int64_t cols) {
-  return {w.data_ptr<T>() + col, w.size(1), b.data_ptr<T>() + col, cols};
-}
-
-template <typename T>
-PaddedMap<T> padded_map(const at::Tensor& t, int64_t pad) {
-  return {t.data_ptr<T>(), t.size(3), pad, t.size(1), t.size(2)};
 }
 
 at::Tensor eval_forward(const at::Tensor& x_in, const at::Tensor& stem_w,
@@ -46,9 +37,15 @@ at::Tensor eval_forward(const at::Tensor& x_in, const at::Tensor& stem_w,
   check_weight(pool_w, "pool_w", x_in, 2);
   check_weight(w3, "w3", x_in, 2);
   check_weight(w5, "w5", x_in, 2);
-  for (auto [b, name] : {std::pair{&stem_b, "stem_b"}, std::pair{&pool_b, "pool_b"},
-                         std::pair{&b3, "b3"}, std::pair{&b5, "b5"}})
+  // Every bias as long as its weight has columns: the kernels read `cols` of each.
+  for (auto [b, w, name] : {std::tuple{&stem_b, &stem_w, "stem_b"},
+                            std::tuple{&pool_b, &pool_w, "pool_b"},
+                            std::tuple{&b3, &w3, "b3"}, std::tuple{&b5, &w5, "b5"}}) {
     check_weight(*b, name, x_in, 1);
+    TORCH_CHECK(b->size(0) == w->size(1), "inception_fused CPU backend: ", name,
+                " has ", b->size(0), " elements, its weight has ", w->size(1),
+                " output channels");
+  }
   for (auto [u, w, k, name] :
        {std::tuple{&winograd_w3, &w3, k3, "winograd_w3"},
         std::tuple{&winograd_w5, &w5, k5, "winograd_w5"}}) {
@@ -61,7 +58,11 @@ at::Tensor eval_forward(const at::Tensor& x_in, const at::Tensor& stem_w,
   }
   const int64_t c_in = x_in.size(1), r5 = stem_w.size(1) - c1 - r3;
   const int64_t c3 = w3.size(1), c5 = w5.size(1), c_pool = pool_w.size(1);
-  TORCH_CHECK(stem_w.size(0) == c_in && pool_w.size(0) == c_in && r5 > 0 &&
+  TORCH_CHECK(c1 >= 0 && r3 > 0 && r5 > 0 && k3 > 0 && k5 > 0,
+              "inception_fused CPU backend: bad split of stem_w's ", stem_w.size(1),
+              " columns (c1 ", c1, ", r3 ", r3, ", r5 ", r5, ") or kernel sizes (", k3,
+              ", ", k5, ")");
+  TORCH_CHECK(stem_w.size(0) == c_in && pool_w.size(0) == c_in &&
                   w3.size(0) == k3 * k3 * r3 && w5.size(0) == k5 * k5 * r5 &&
                   k3 % 2 == 1 && k5 % 2 == 1,
               "inception_fused CPU backend: folded weights do not fit an input with ",
@@ -69,37 +70,23 @@ at::Tensor eval_forward(const at::Tensor& x_in, const at::Tensor& stem_w,
 
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const Shape shape{x.size(0), x.size(2), x.size(3)};
-  const int64_t c_out = c1 + c3 + c5 + c_pool;
-  at::Tensor out = at::empty({shape.batch, c_out, shape.height, shape.width},
-                             x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (shape.pixels() == 0) return out;
-
-  const int64_t p3 = k3 / 2, p5 = k5 / 2;
-  // Winograd's 2x2 tiles read one row / column past an odd interior.
-  auto map_tensor = [&](int64_t pad, int64_t channels, bool winograd) {
-    const int64_t extra_h = winograd ? shape.height % 2 : 0;
-    const int64_t extra_w = winograd ? shape.width % 2 : 0;
-    return at::empty({shape.batch, shape.height + 2 * pad + extra_h,
-                      shape.width + 2 * pad + extra_w, channels},
-                     x.options());
-  };
-  const bool wino3 = winograd_w3.has_value(), wino5 = winograd_w5.has_value();
-  const at::Tensor red3 = map_tensor(p3, r3, wino3), red5 = map_tensor(p5, r5, wino5);
-  const at::Tensor& spatial_w3 = wino3 ? *winograd_w3 : w3;
-  const at::Tensor& spatial_w5 = wino5 ? *winograd_w5 : w5;
-
+  at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "inception_fused_cpu_eval", [&] {
     using T = scalar_t;
-    T* o = out.data_ptr<T>();
-    const PaddedMap<T> map3 = padded_map<T>(red3, p3), map5 = padded_map<T>(red5, p5);
-    pointwise_step<T>(x.data_ptr<T>(), shape, c_in, weights<T>(stem_w, stem_b, 0, c1),
-                      weights<T>(stem_w, stem_b, c1, r3),
-                      weights<T>(stem_w, stem_b, c1 + r3, r5),
-                      weights<T>(pool_w, pool_b, 0, c_pool), {o, c_out},
-                      {o + c1 + c3 + c5, c_out}, map3, map5);
-    spatial_step<T>(
-        shape, {map3, k3, weights<T>(spatial_w3, b3, 0, c3), {o + c1, c_out}, wino3},
-        {map5, k5, weights<T>(spatial_w5, b5, 0, c5), {o + c1 + c3, c_out}, wino5});
+    const auto ptr = [](const std::optional<at::Tensor>& t) {
+      return t.has_value() ? t->data_ptr<T>() : nullptr;
+    };
+    const InceptionBlock<T> block{
+        c_in, c1, r3, r5, c3, c5, c_pool, k3, k5,
+        stem_w.data_ptr<T>(), stem_b.data_ptr<T>(), pool_w.data_ptr<T>(),
+        pool_b.data_ptr<T>(), w3.data_ptr<T>(), b3.data_ptr<T>(), w5.data_ptr<T>(),
+        b5.data_ptr<T>(), ptr(winograd_w3), ptr(winograd_w5)};
+    out = at::empty({shape.batch, block.c_out(), shape.height, shape.width},
+                    x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    const at::Tensor red3 = at::empty({block.map3(shape).elements(shape, r3)}, x.options());
+    const at::Tensor red5 = at::empty({block.map5(shape).elements(shape, r5)}, x.options());
+    inception_forward(block, x.data_ptr<T>(), shape, out.data_ptr<T>(),
+                      red3.data_ptr<T>(), red5.data_ptr<T>());
   });
   return out;
 }
@@ -135,6 +122,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("winograd_w3") = pybind11::none(),
         pybind11::arg("winograd_w5") = pybind11::none(),
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  pybind11::class_<inception_cpu::NetworkPlan>(
+      m, "NetworkPlan",
+      "GoogLeNet's eval forward over folded, packed weights as one call (network.h "
+      "documents the tensor and int order; inception_fused/network.py builds it)")
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<int64_t>>(),
+           pybind11::arg("tensors"), pybind11::arg("ints"))
+      .def("forward", &inception_cpu::NetworkPlan::forward, pybind11::arg("x"),
+           pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("winograd_weights", &inception_cpu::winograd_weights_tensor,
         "Winograd F(2x2, 3x3) transform G g G^T of packed 3x3 weights [9 C, cols] -> "
         "[16 C, cols] (row = xi * C + c)",

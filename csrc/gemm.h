@@ -57,6 +57,33 @@ inline void for_each_lane_group(int64_t count, const F& body) {
   for (; c < count; ++c) body(T{}, c);
 }
 
+// The sum of U's lanes (U a SIMD vector of T, or one T).
+template <typename T, typename U>
+inline T lane_sum(U u) {
+  if constexpr (sizeof(U) == sizeof(T)) {
+    return u;
+  } else {
+    T lanes[sizeof(U) / sizeof(T)], sum = 0;
+    std::memcpy(lanes, &u, sizeof(U));
+    for (T lane : lanes) sum += lane;
+    return sum;
+  }
+}
+
+// max(x, 0) as torch.relu: a NaN stays NaN (it compares false), where std::max-style
+// `x > 0 ? x : 0` would turn it into 0. U: a SIMD vector of T or one T.
+template <typename U>
+inline U relu(U x) {
+  const U zero{};
+  return x < zero ? zero : x;
+}
+
+// max(a, b) as max_pool2d: a NaN on either side gives NaN.
+template <typename U>
+inline U nan_max(U a, U b) {
+  return ((b > a) | (b != b)) ? b : a;
+}
+
 // How the reduction dimension K is laid out in A: `segments` runs of `seg_len`
 // contiguous elements, run s of row i starting at a_rows[i] + s * a_seg_stride, and
 // matching B rows s * seg_len ... A 1x1 conv is one run of C_in; a KxK conv over a
@@ -96,14 +123,13 @@ inline void micro_tile(const T* const* a_rows, const KLayout& kl, const T* b,
       }
     }
   }
-  const V zero = {};
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
-    const V bias_v = bias ? load<V>(bias + j + v * W) : zero;
+    const V bias_v = bias ? load<V>(bias + j + v * W) : V{};
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const V r = acc[i][v] + bias_v;
-      store(c_rows[i] + j + v * W, bias ? (r > zero ? r : zero) : r);
+      store(c_rows[i] + j + v * W, bias ? relu(r) : r);
     }
   }
 }
@@ -122,7 +148,7 @@ inline void edge_columns(int64_t rows, const T* const* a_rows, const KLayout& kl
         const T* b_col = b + s * kl.seg_len * ldb + col;
         for (int64_t k = 0; k < kl.seg_len; ++k) acc += a[k] * b_col[k * ldb];
       }
-      if (bias) acc = std::max(acc + bias[col], T(0));
+      if (bias) acc = relu(acc + bias[col]);
       c_rows[i][col] = acc;
     }
   }

@@ -5,11 +5,14 @@
 //   spatial.cpp    step 2: the 3x3 / 5x5 convs over the reduce outputs, as implicit
 //                  GEMMs or, for 3x3 kernels, Winograd F(2x2, 3x3) (winograd.cpp)
 //   gemm.h         the register-blocked GEMM + bias + ReLU both steps run
-//   bindings.cpp   checks, allocation, the Python entry point
+//   inception.cpp  one block: the two steps over caller-provided buffers
+//   network.cpp    the whole GoogLeNet eval forward over a NetworkPlan, one call
+//   bindings.cpp   checks, allocation, the Python entry points
 #pragma once
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "gemm.h"
@@ -88,6 +91,40 @@ inline void for_each_pixel(const Shape& s, int64_t m0, int64_t rows, const F& fn
   }
 }
 
+// Zeroes everything of the map outside its interior (shape.height x shape.width pixels
+// at offset pad): the conv's zero padding, plus the extra row / column Winograd's
+// 2x2 tiles read when H or W is odd.
+template <typename T>
+void zero_border(const PaddedMap<T>& map, const Shape& shape) {
+  const int64_t row_len = map.width * map.channels;
+  const int64_t left = map.pad * map.channels;
+  const int64_t right = (map.pad + shape.width) * map.channels;
+  for (int64_t row = 0; row < shape.batch * map.height; ++row) {
+    T* p = map.data + row * row_len;
+    const int64_t h = row % map.height;
+    if (h < map.pad || h >= map.pad + shape.height) {
+      std::fill(p, p + row_len, T(0));
+    } else {
+      std::fill(p, p + left, T(0));
+      std::fill(p + right, p + row_len, T(0));
+    }
+  }
+}
+
+// Height and width (border included) of the zero-bordered map a kernel x kernel conv
+// reads over `shape`; Winograd's 2x2 tiles need an even interior.
+struct MapDims {
+  int64_t height, width;
+  int64_t elements(const Shape& s, int64_t channels) const {
+    return s.batch * height * width * channels;
+  }
+};
+inline MapDims padded_dims(const Shape& s, int64_t kernel, bool winograd) {
+  const int64_t pad = kernel / 2;
+  return {s.height + 2 * pad + (winograd ? s.height % 2 : 0),
+          s.width + 2 * pad + (winograd ? s.width % 2 : 0)};
+}
+
 // Step 1. Reads x (NHWC, c_in channels) once per pixel block: the stem GEMM writes
 // branch 1 into `out1` and the reduce outputs into the interiors of red3 / red5 (whose
 // borders it zeroes); pool tiles take the 3x3/s1/p1 max into a per-thread buffer and
@@ -100,15 +137,20 @@ void pointwise_step(const T* x, const Shape& shape, int64_t c_in,
                     const PaddedMap<T>& red3, const PaddedMap<T>& red5);
 
 // One spatial branch of step 2: a kernel x kernel conv over a zero-bordered reduce map.
-// weights: the packed [kernel^2 * C, cols] matrix (row = tap * C + c), or with
-// `winograd` (kernel 3 only) the transformed [16 * C, cols] one of winograd_weights.
+// weights: the packed [kernel^2 * C, cols] matrix (row = tap * C + c); winograd (kernel 3
+// only, else null): its transform by winograd_weights, [16 * C, cols] with the same ldb.
 template <typename T>
 struct SpatialBranch {
   PaddedMap<T> input;
   int64_t kernel;
   Weights<T> weights;
+  const T* winograd;
   OutputSlice<T> out;
-  bool winograd;
+
+  // The implicit GEMM's K: `kernel` runs of kernel * C elements, a padded row apart.
+  KLayout window_layout() const {
+    return {kernel, kernel * input.channels, input.width * input.channels};
+  }
 };
 
 // Winograd F(2x2, 3x3) (winograd.cpp). Tiles of 2x2 output pixels, enumerated like
@@ -126,10 +168,37 @@ template <typename T>
 void winograd_tile_block(const Shape& shape, const SpatialBranch<T>& branch,
                          int64_t tile0, int64_t col_begin, int64_t col_end, T* buffer);
 
-// Step 2. out = relu(conv(input) + bias) for the 3x3 and 5x5 branches, as implicit
-// GEMMs reading the zero-bordered reduce maps in place.
+// For output pixel (n, h, w) of a branch, if its window overlaps the zero border and
+// any of columns [col_begin, col_end) came out inf or NaN: recomputes those columns
+// over the window's in-image taps only, as PyTorch's CPU convolution (oneDNN) does:
+// padding must not turn an inf or NaN weight into NaN through 0 * inf.
 template <typename T>
-void spatial_step(const Shape& shape, const SpatialBranch<T>& branch3,
-                  const SpatialBranch<T>& branch5);
+void redo_nonfinite_border_pixel(const Shape& shape, const SpatialBranch<T>& branch,
+                                 int64_t n, int64_t h, int64_t w, int64_t col_begin,
+                                 int64_t col_end);
+
+// Step 2. out = relu(conv(input) + bias) for `count` spatial branches (an Inception
+// block's 3x3 and 5x5; GoogLeNet's stem conv3 alone), as implicit GEMMs reading the
+// zero-bordered maps in place, or Winograd.
+template <typename T>
+void spatial_step(const Shape& shape, const SpatialBranch<T>* branches, int64_t count);
+
+// One Inception block's folded, packed weights (folding.py's FoldedInception).
+template <typename T>
+struct InceptionBlock {
+  int64_t c_in, c1, r3, r5, c3, c5, c_pool, k3, k5;
+  const T *stem_w, *stem_b, *pool_w, *pool_b, *w3, *b3, *w5, *b5;
+  const T *winograd3, *winograd5;  // winograd_weights of w3 / w5, or null
+
+  int64_t c_out() const { return c1 + c3 + c5 + c_pool; }
+  MapDims map3(const Shape& s) const { return padded_dims(s, k3, winograd3); }
+  MapDims map5(const Shape& s) const { return padded_dims(s, k5, winograd5); }
+};
+
+// The block's eval forward: x NHWC [shape, c_in] -> out NHWC [shape, c_out], with
+// red3 / red5 scratch of map3 / map5 elements (inception.cpp).
+template <typename T>
+void inception_forward(const InceptionBlock<T>& block, const T* x, const Shape& shape,
+                       T* out, T* red3, T* red5);
 
 }  // namespace inception_cpu

@@ -14,28 +14,9 @@
 namespace inception_cpu {
 namespace {
 
-// Zeroes everything of the map outside its interior (shape.height x shape.width pixels
-// at offset pad): the conv's zero padding, plus the extra row / column Winograd's
-// 2x2 tiles read when H or W is odd.
-template <typename T>
-void zero_border(const PaddedMap<T>& map, const Shape& shape) {
-  const int64_t row_len = map.width * map.channels;
-  const int64_t left = map.pad * map.channels;
-  const int64_t right = (map.pad + shape.width) * map.channels;
-  for (int64_t row = 0; row < shape.batch * map.height; ++row) {
-    T* p = map.data + row * row_len;
-    const int64_t h = row % map.height;
-    if (h < map.pad || h >= map.pad + shape.height) {
-      std::fill(p, p + row_len, T(0));
-    } else {
-      std::fill(p, p + left, T(0));
-      std::fill(p + right, p + row_len, T(0));
-    }
-  }
-}
-
 // pooled[i, :] = max of x over the 3x3 window around pixel m0 + i, clipped at the
-// borders (max_pool2d(3, stride 1, padding 1); ceil_mode changes nothing at stride 1).
+// borders (max_pool2d(3, stride 1, padding 1); ceil_mode changes nothing at stride 1;
+// a NaN in the window gives NaN, as there).
 template <typename T>
 void max_pool_tile(const T* x, const Shape& s, int64_t c_in, int64_t m0, int64_t rows,
                    T* pooled) {
@@ -47,7 +28,10 @@ void max_pool_tile(const T* x, const Shape& s, int64_t c_in, int64_t m0, int64_t
       for (int64_t ww = std::max<int64_t>(w - 1, 0); ww <= std::min(w + 1, s.width - 1);
            ++ww) {
         const T* src = x + ((n * s.height + hh) * s.width + ww) * c_in;
-        for (int64_t c = 0; c < c_in; ++c) dst[c] = src[c] > dst[c] ? src[c] : dst[c];
+        for_each_lane_group<T>(c_in, [&](auto lanes, int64_t c) {
+          using U = decltype(lanes);
+          store(dst + c, nan_max(load<U>(dst + c), load<U>(src + c)));
+        });
       }
     }
   });

@@ -16,9 +16,35 @@
 namespace inception_cpu {
 
 template <typename T>
-void spatial_step(const Shape& shape, const SpatialBranch<T>& branch3,
-                  const SpatialBranch<T>& branch5) {
-  // Both branches' work in one parallel region: (pixel block or Winograd tile block)
+void redo_nonfinite_border_pixel(const Shape& shape, const SpatialBranch<T>& br,
+                                 int64_t n, int64_t h, int64_t w, int64_t col_begin,
+                                 int64_t col_end) {
+  const int64_t pad = br.input.pad;
+  if (h >= pad && h < shape.height - pad && w >= pad && w < shape.width - pad) return;
+  T* out = br.out.data + ((n * shape.height + h) * shape.width + w) * br.out.row_stride;
+  bool finite = true;
+  for (int64_t col = col_begin; col < col_end; ++col)
+    finite &= out[col] - out[col] == 0;  // false for inf and NaN
+  if (finite) return;
+  const int64_t c_in = br.input.channels, k = br.kernel;
+  for (int64_t col = col_begin; col < col_end; ++col) {
+    T acc = 0;
+    for (int64_t ky = std::max(pad - h, int64_t(0));
+         ky < std::min(k, shape.height + pad - h); ++ky) {
+      for (int64_t kx = std::max(pad - w, int64_t(0));
+           kx < std::min(k, shape.width + pad - w); ++kx) {
+        const T* a = br.input.window(n, h, w) + (ky * br.input.width + kx) * c_in;
+        const T* b = br.weights.w + (ky * k + kx) * c_in * br.weights.ldb + col;
+        for (int64_t c = 0; c < c_in; ++c) acc += a[c] * b[c * br.weights.ldb];
+      }
+    }
+    out[col] = relu(acc + br.weights.bias[col]);
+  }
+}
+
+template <typename T>
+void spatial_step(const Shape& shape, const SpatialBranch<T>* branches, int64_t count) {
+  // All branches' work in one parallel region: (pixel block or Winograd tile block)
   // x column chunk.
   struct Task {
     const SpatialBranch<T>* branch;
@@ -28,10 +54,11 @@ void spatial_step(const Shape& shape, const SpatialBranch<T>& branch3,
   const int64_t tiles = shape.batch * ceil_div(shape.height, 2) * ceil_div(shape.width, 2);
   std::vector<Task> tasks;
   int64_t winograd_channels = 0;
-  for (const SpatialBranch<T>* br : {&branch3, &branch5}) {
-    const int64_t step = br->winograd ? kWinogradTiles : kBlockRows;
-    const int64_t count = br->winograd ? tiles : shape.pixels();
-    if (br->winograd) winograd_channels = std::max(winograd_channels, br->input.channels);
+  for (const SpatialBranch<T>* br = branches; br != branches + count; ++br) {
+    const bool winograd = br->winograd != nullptr;
+    const int64_t step = winograd ? kWinogradTiles : kBlockRows;
+    const int64_t count = winograd ? tiles : shape.pixels();
+    if (winograd) winograd_channels = std::max(winograd_channels, br->input.channels);
     for (int64_t first = 0; first < count; first += step)
       for (int64_t j = 0; j < br->weights.cols; j += chunk_cols<T>())
         tasks.push_back({br, first, j, std::min(br->weights.cols, j + chunk_cols<T>())});
@@ -56,16 +83,22 @@ void spatial_step(const Shape& shape, const SpatialBranch<T>& branch3,
                      a_rows[i] = br.input.window(n, h, w);
                      c_rows[i] = br.out.data + (task.first + i) * br.out.row_stride;
                    });
-    const KLayout taps{br.kernel, br.kernel * br.input.channels,
-                       br.input.width * br.input.channels};
-    gemm(rows, a_rows, taps, br.weights.w, br.weights.ldb, br.weights.bias, c_rows,
+    gemm(rows, a_rows, br.window_layout(), br.weights.w, br.weights.ldb, br.weights.bias, c_rows,
          task.begin, task.end);
+    for_each_pixel(shape, task.first, rows,
+                   [&](int64_t, int64_t n, int64_t h, int64_t w) {
+                     redo_nonfinite_border_pixel(shape, br, n, h, w, task.begin, task.end);
+                   });
   });
 }
 
-template void spatial_step<float>(const Shape&, const SpatialBranch<float>&,
-                                  const SpatialBranch<float>&);
-template void spatial_step<double>(const Shape&, const SpatialBranch<double>&,
-                                   const SpatialBranch<double>&);
+#define INSTANTIATE(T)                                                               \
+  template void redo_nonfinite_border_pixel<T>(const Shape&, const SpatialBranch<T>&, \
+                                               int64_t, int64_t, int64_t, int64_t,    \
+                                               int64_t);                              \
+  template void spatial_step<T>(const Shape&, const SpatialBranch<T>*, int64_t);
+INSTANTIATE(float)
+INSTANTIATE(double)
+#undef INSTANTIATE
 
 }  // namespace inception_cpu

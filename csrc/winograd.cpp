@@ -103,19 +103,28 @@ void winograd_tile_block(const Shape& shape, const SpatialBranch<T>& br, int64_t
   T* v = buffer;                               // [16][kWinogradTiles][c_in]
   T* m = buffer + 16 * kWinogradTiles * c_in;  // [16][kWinogradTiles][cols]
 
+  // Tiles whose input holds an inf or NaN: the transforms' sums and differences would
+  // turn one inf into NaN over the whole 2x2 block, so those take the direct conv below.
+  int64_t nonfinite[kWinogradTiles];
+  int64_t n_nonfinite = 0;
   for (int64_t t = 0; t < tiles; ++t) {
     const TileOrigin o = tile_origin(shape, tile0 + t);
     const T* corner = map.window(o.n, o.y, o.x);  // the 4x4 input tile's top-left
+    T probe = 0;  // stays 0 while every input is finite (x - x is NaN for inf / NaN)
     for_each_lane_group<T>(c_in, [&](auto lanes, int64_t c) {
       using U = decltype(lanes);
-      U d[4][4], vt[16];
+      U d[4][4], vt[16], p{};
       for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < 4; ++j) {
           d[i][j] = load<U>(corner + (i * map.width + j) * c_in + c);
+          p += d[i][j] - d[i][j];
+        }
       input_transform(d, vt);
       for (int xi = 0; xi < 16; ++xi)
         store(v + (xi * kWinogradTiles + t) * c_in + c, vt[xi]);
+      probe += lane_sum<T>(p);
     });
+    if (probe != 0) nonfinite[n_nonfinite++] = t;
   }
 
   const T* a_rows[kWinogradTiles];
@@ -127,7 +136,7 @@ void winograd_tile_block(const Shape& shape, const SpatialBranch<T>& br, int64_t
       a_rows[t] = v + (xi * kWinogradTiles + t) * c_in;
       c_rows[t] = m + (xi * kWinogradTiles + t) * cols;
     }
-    gemm<T>(tiles, a_rows, one_run, br.weights.w + xi * c_in * ldb + col_begin, ldb,
+    gemm<T>(tiles, a_rows, one_run, br.winograd + xi * c_in * ldb + col_begin, ldb,
             nullptr, c_rows, 0, cols);
   }
 
@@ -140,16 +149,37 @@ void winograd_tile_block(const Shape& shape, const SpatialBranch<T>& br, int64_t
       for (int xi = 0; xi < 16; ++xi)
         mt[xi] = load<U>(m + (xi * kWinogradTiles + t) * cols + j);
       output_transform(mt, y);
-      const U b = load<U>(bias + j), zero{};
+      const U b = load<U>(bias + j);
       for (int dy = 0; dy < 2 && o.y + dy < shape.height; ++dy) {
         for (int dx = 0; dx < 2 && o.x + dx < shape.width; ++dx) {
           const int64_t pixel = (o.n * shape.height + o.y + dy) * shape.width + o.x + dx;
-          const U r = y[dy][dx] + b;
           store(br.out.data + pixel * br.out.row_stride + col_begin + j,
-                r > zero ? r : zero);
+                relu(y[dy][dx] + b));
         }
       }
     });
+  }
+
+  // The non-finite tiles again, as the implicit GEMM of spatial_step (overwriting).
+  for (int64_t k = 0; k < n_nonfinite; ++k) {
+    const TileOrigin o = tile_origin(shape, tile0 + nonfinite[k]);
+    int64_t rows = 0;
+    for (int dy = 0; dy < 2 && o.y + dy < shape.height; ++dy) {
+      for (int dx = 0; dx < 2 && o.x + dx < shape.width; ++dx, ++rows) {
+        const int64_t pixel = (o.n * shape.height + o.y + dy) * shape.width + o.x + dx;
+        a_rows[rows] = map.window(o.n, o.y + dy, o.x + dx);
+        c_rows[rows] = br.out.data + pixel * br.out.row_stride;
+      }
+    }
+    gemm(rows, a_rows, br.window_layout(), br.weights.w, br.weights.ldb,
+         br.weights.bias, c_rows, col_begin, col_end);
+  }
+  for (int64_t t = 0; t < tiles; ++t) {
+    const TileOrigin o = tile_origin(shape, tile0 + t);
+    for (int dy = 0; dy < 2 && o.y + dy < shape.height; ++dy)
+      for (int dx = 0; dx < 2 && o.x + dx < shape.width; ++dx)
+        redo_nonfinite_border_pixel(shape, br, o.n, o.y + dy, o.x + dx, col_begin,
+                                    col_end);
   }
 }
 

@@ -137,8 +137,11 @@ def googlenet_swap() -> None:
         names = weights.meta["categories"]
         top = [names[i] for i in logits.argmax(1)[:4].tolist()]
         print(f"  fused top-1 of the first images: {top}")
+    # On CPU the fused model's eval forward is one C++ call over a network plan
+    # (inception_fused/network.py); elsewhere torchvision's forward over fused blocks.
+    how = "whole network, one C++ call" if fused._network_plan else "fused blocks"
     print(
-        f"  eager {t_eager:.2f} ms, fused {t_fused:.2f} ms per batch: "
+        f"  eager {t_eager:.2f} ms, fused ({how}) {t_fused:.2f} ms per batch: "
         f"{t_eager / t_fused:.2f}x speedup (channels_last, medians of {reps})"
     )
 

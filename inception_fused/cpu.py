@@ -12,18 +12,46 @@ from .folding import FoldedInception
 
 CPU_DTYPES = (torch.float32, torch.float64)
 
+# torch.backends.cpu.get_cpu_capability() values that imply AVX2 and FMA (torch checks
+# both before it reports AVX2).
+AVX2_CAPABILITIES = ("AVX2", "AVX512")
+
 _extension: ModuleType | None = None
 # Winograd-transformed 3x3 weights per FoldedInception (by id, dropped with it): the
 # module refolds into a new object whenever a parameter changes, so entries never go stale.
 _winograd_cache: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
 
+def extension_name(capability: str | None = None) -> str:
+    """The build of the kernels this CPU runs: ``inception_fused._C_avx2`` (AVX2 + FMA)
+    where torch's CPU capability says AVX2 or better, else the baseline ``_C``.
+
+    ``capability``: ``torch.backends.cpu.get_cpu_capability()`` by default, which reads
+    the CPU (and honours ``ATEN_CPU_CAPABILITY=default`` to force the baseline).
+    """
+    if capability is None:
+        capability = torch.backends.cpu.get_cpu_capability()
+    return (
+        "inception_fused._C_avx2"
+        if capability in AVX2_CAPABILITIES
+        else "inception_fused._C"
+    )
+
+
 def load_extension() -> ModuleType:
-    """The compiled extension; a clear error when it was not built (never a fallback)."""
+    """The compiled extension for this CPU (:func:`extension_name`); a clear error when
+    it was not built (never a silent fallback to other math)."""
     global _extension
     if _extension is None:
+        name = extension_name()
         try:
-            _extension = importlib.import_module("inception_fused._C")
+            try:
+                _extension = importlib.import_module(name)
+            except ImportError:
+                if name == "inception_fused._C":
+                    raise
+                # Built without the AVX2 variant (e.g. on another architecture).
+                _extension = importlib.import_module("inception_fused._C")
         except ImportError as err:
             raise RuntimeError(
                 "inception_fused's C++ CPU backend (inception_fused._C) is not built or "
@@ -35,8 +63,10 @@ def load_extension() -> ModuleType:
 
 
 def winograd_transform(ext: ModuleType, w: torch.Tensor, k: int) -> torch.Tensor | None:
-    """F(2x2, 3x3)-transformed packed weights of a 3x3 branch; None for other kernels."""
-    return ext.winograd_weights(w) if k == 3 else None
+    """F(2x2, 3x3)-transformed packed weights of a 3x3 branch; None for other kernels
+    and for weights holding an inf or NaN (the transform would smear it: direct conv
+    keeps the reference's non-finite pattern)."""
+    return ext.winograd_weights(w) if k == 3 and bool(w.isfinite().all()) else None
 
 
 def winograd_weights(

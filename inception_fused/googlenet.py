@@ -1,7 +1,9 @@
 """Whole networks: swap torchvision's GoogLeNet onto the fused blocks, and back.
 
 * :func:`fuse_googlenet` replaces every Inception block of a built model (pretrained
-  weights loaded or not) by a :class:`FusedInceptionModule` holding the same tensors.
+  weights loaded or not) by a :class:`FusedInceptionModule` holding the same tensors,
+  and makes a torchvision ``GoogLeNet`` a :class:`~inception_fused.network.FusedGoogLeNet`,
+  whose eval forward on CPU runs the whole network as one C++ call (network.py).
 * :class:`TorchvisionFusedInception` goes into ``torchvision.models.GoogLeNet(blocks=...)``.
 * :func:`unfuse_googlenet` / :func:`to_reference` restore plain PyTorch blocks.
 * :func:`googlenet` builds the paper's network (5x5 branch, two auxiliary heads) for
@@ -27,6 +29,7 @@ from torchvision.models.googlenet import (
 
 from .folding import conv_blocks
 from .module import FusedInceptionModule
+from .network import FusedGoogLeNet
 from .reference import InceptionModule
 
 # "During training, their loss gets added to the total loss of the network with a
@@ -111,6 +114,8 @@ def fuse_googlenet(
             f"found no Inception block to fuse in {type(model).__name__} (looked for "
             f"torchvision.models.googlenet.Inception and inception_fused.InceptionModule)"
         )
+    if type(model) is GoogLeNet:  # subclasses keep their own forward
+        model.__class__ = FusedGoogLeNet
     return model
 
 
@@ -142,6 +147,9 @@ def unfuse_googlenet(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     _swap_blocks(model, to_reference, (FusedInceptionModule,))
+    if type(model) is FusedGoogLeNet:
+        model.__dict__.pop("_network_plan", None)
+        model.__class__ = GoogLeNet
     return model
 
 
@@ -153,7 +161,7 @@ def googlenet(
     dropout: float = 0.4,
     dropout_aux: float = 0.7,
     backend: str | None = None,
-) -> GoogLeNet:
+) -> FusedGoogLeNet:
     """The paper's GoogLeNet (arXiv 1409.4842, Table 1 and Fig. 3) on fused blocks.
 
     As in the paper: a 5x5 conv in every Inception block's third branch, two auxiliary
@@ -164,14 +172,15 @@ def googlenet(
     and weight initialisation apply), every conv is followed by BatchNorm instead of the
     paper's local response normalisation.
 
-    Returns a ``torchvision.models.GoogLeNet``; in train mode with ``aux_logits`` its
+    Returns a :class:`~inception_fused.network.FusedGoogLeNet` (a
+    ``torchvision.models.GoogLeNet``); in train mode with ``aux_logits`` its
     forward returns ``GoogLeNetOutputs(logits, aux_logits2, aux_logits1)``.
     """
 
     def inception(*channels: int) -> FusedInceptionModule:
         return FusedInceptionModule(*channels, branch3_kernel=5, backend=backend)
 
-    return GoogLeNet(
+    return FusedGoogLeNet(
         num_classes=num_classes,
         aux_logits=aux_logits,
         transform_input=transform_input,

@@ -120,7 +120,8 @@ def test_grad_requiring_eval_call_uses_autograd():
 
 def test_missing_extension_raises_clearly(monkeypatch):
     monkeypatch.setattr(cpu, "_extension", None)
-    monkeypatch.setitem(sys.modules, "inception_fused._C", None)  # import fails
+    for name in ("inception_fused._C", "inception_fused._C_avx2"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails
     fused, _ = cpu_pair(ODD, backend="auto")
     with (
         pytest.raises(RuntimeError, match="C\\+\\+ CPU backend.*not built"),
@@ -186,3 +187,85 @@ def test_other_dtypes(calls, backend):
     else:  # auto: plain PyTorch, the only CPU path for bfloat16
         out, expected = run_both(fused, ref, x)
         assert torch.equal(out, expected) and calls == []
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [
+        ("AVX512", "inception_fused._C_avx2"),
+        ("AVX2", "inception_fused._C_avx2"),
+        ("DEFAULT", "inception_fused._C"),  # x86-64 without AVX2/FMA, or forced
+        ("NO AVX", "inception_fused._C"),
+        ("VSX", "inception_fused._C"),
+    ],
+)
+def test_extension_matches_cpu_capability(capability, expected):
+    """AVX2 + FMA kernels only where torch reports the CPU runs them (no SIGILL)."""
+    assert cpu.extension_name(capability) == expected
+
+
+def test_baseline_extension_loads_when_capability_is_default(monkeypatch):
+    """The x86-64 baseline build loads and agrees with the AVX2 one."""
+    monkeypatch.setattr(cpu, "_extension", None)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    fused, ref = cpu_pair(ODD)
+    x = torch.randn(2, ODD[0], 7, 6)
+    out, expected = run_both(fused, ref, x)
+    assert cpu.load_extension().__name__ == "inception_fused._C"
+    assert_close(out, expected)
+    monkeypatch.setattr(cpu, "_extension", None)  # the next test reloads the default
+
+
+def eval_op_args(fused, x):
+    """Arguments of torch.ops.inception_fused.eval_forward for ``fused`` on ``x``."""
+    f = fused.folded(x.dtype)
+    return dict(
+        zip(
+            [
+                "stem_w",
+                "stem_b",
+                "pool_w",
+                "pool_b",
+                "w3",
+                "b3",
+                "w5",
+                "b5",
+                "c1",
+                "r3",
+                "k3",
+                "k5",
+            ],
+            f.as_args(),
+            strict=True,
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "length"),
+    [
+        ("stem_b", 0),
+        ("stem_b", 5),
+        ("b3", 0),
+        ("b5", 3),
+        ("pool_b", 0),
+        ("pool_b", 100),
+    ],
+)
+def test_bias_length_checked_through_the_op(name, length):
+    """A bias shorter or longer than its weight's columns: a clear error, no crash."""
+    fused, _ = cpu_pair(ODD)
+    x = torch.randn(1, ODD[0], 4, 4)
+    args = eval_op_args(fused, x)
+    args[name] = torch.zeros(length)
+    with pytest.raises(RuntimeError, match=f"{name} has {length} elements"):
+        torch.ops.inception_fused.eval_forward(x, **args, backend="cpu")
+
+
+@pytest.mark.parametrize(("c1", "r3"), [(-1, 4), (0, 0), (20, 4)])
+def test_bad_channel_split_checked_through_the_op(c1, r3):
+    fused, _ = cpu_pair(ODD)
+    x = torch.randn(1, ODD[0], 4, 4)
+    args = eval_op_args(fused, x) | {"c1": c1, "r3": r3}
+    with pytest.raises(RuntimeError, match="bad split"):
+        torch.ops.inception_fused.eval_forward(x, **args, backend="cpu")

@@ -1,0 +1,330 @@
+"""The whole-network plan (inception_fused/network.py, csrc/network.cpp): torchvision's
+GoogLeNet after fuse_googlenet runs its eval forward as one C++ call.
+
+Parity with torchvision in every mode the plan serves, each layer of the plan on its own
+(through csrc's NetworkPlan with fewer stages), the plan cache's invalidation, and the
+cases that must take torchvision's own forward instead.
+"""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torchvision
+from conftest import randomize_bn
+
+from inception_fused import fuse_googlenet, unfuse_googlenet
+from inception_fused.cpu import load_extension
+from inception_fused.folding import fold_conv_block, pack_weight
+from inception_fused.network import FusedGoogLeNet, build_plan
+
+NUM_CLASSES = 10
+TOLERANCE = {torch.float32: (2e-5, 1e-4), torch.float64: (1e-10, 1e-8)}
+
+
+def torchvision_googlenet(seed=0, dtype=torch.float32, **kwargs):
+    torch.manual_seed(seed)
+    kwargs.setdefault("num_classes", NUM_CLASSES)
+    model = torchvision.models.googlenet(weights=None, init_weights=True, **kwargs)
+    return randomize_bn(model, seed).to(dtype).eval()
+
+
+def fused_pair(**kwargs):
+    ref = torchvision_googlenet(**kwargs)
+    return fuse_googlenet(copy.deepcopy(ref), backend="auto"), ref
+
+
+def close(actual, expected):
+    atol, rtol = TOLERANCE[expected.dtype]
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+def run_plan(fused, x):
+    """fused(x) under no_grad, asserting it ran the one-call plan."""
+    fused._network_plan = None
+    with torch.no_grad():
+        out = fused(x)
+    assert fused._network_plan is not None, "the plan did not run"
+    return out
+
+
+@pytest.mark.parametrize("transform_input", [False, True], ids=["raw", "transform"])
+@pytest.mark.parametrize("aux_logits", [False, True], ids=["noaux", "aux"])
+def test_parity_aux_and_transform_input(aux_logits, transform_input):
+    fused, ref = fused_pair(aux_logits=aux_logits, transform_input=transform_input)
+    assert type(fused) is FusedGoogLeNet
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        expected = ref(x)
+    close(run_plan(fused, x), expected)
+
+
+@pytest.mark.parametrize(
+    ("batch", "height", "width"),
+    [(1, 224, 224), (3, 67, 75), (1, 17, 21), (0, 64, 64)],
+    ids=["224", "odd", "smallest-odd", "empty"],
+)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+def test_parity_sizes_and_layouts(batch, height, width, layout):
+    fused, ref = fused_pair()
+    x = torch.randn(batch, 3, height, 2 * width)[..., ::2]  # sliced: stride 2 in W
+    if layout == "nchw":
+        x = x.contiguous()
+    elif layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = ref(x)
+    close(run_plan(fused, x), expected)
+
+
+def test_parity_float64_and_inference_mode():
+    fused, ref = fused_pair(dtype=torch.float64, transform_input=True)
+    x = torch.randn(2, 3, 64, 80, dtype=torch.float64)
+    with torch.inference_mode():
+        out = fused(x)
+    assert (
+        fused._network_plan is not None and fused._network_plan.dtype == torch.float64
+    )
+    with torch.no_grad():
+        close(out, ref(x))
+
+
+def test_nonfinite_input_as_torchvision():
+    fused, ref = fused_pair()
+    x = torch.randn(2, 3, 64, 64)
+    x[1, 0, 10, 10] = float("nan")
+    x[0, 2, 0, 63] = float("inf")
+    with torch.no_grad():
+        expected = ref(x)
+    out = run_plan(fused, x)
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4, equal_nan=True)
+
+
+def test_too_small_input_raises_as_torchvision():
+    fused, ref = fused_pair()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad(), pytest.raises(RuntimeError) as theirs:
+        ref(x)
+    with torch.no_grad(), pytest.raises(RuntimeError) as ours:
+        fused(x)
+    assert str(ours.value) == str(theirs.value)
+
+
+# --- the plan cache --------------------------------------------------------------
+
+
+def test_plan_is_reused_and_rebuilt_on_changes():
+    fused, ref = fused_pair()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        fused(x)
+        plan = fused._network_plan
+        fused(x)
+        assert fused._network_plan is plan  # nothing changed: same plan
+        for model in (fused, ref):  # an in-place edit of a stem BN statistic
+            model.conv2.bn.running_var.mul_(1.5)
+        close(fused(x), ref(x))
+        assert fused._network_plan is not plan
+        plan = fused._network_plan
+        for model in (fused, ref):  # a block's weight
+            model.inception4c.branch2[1].conv.weight.add_(0.01)
+        close(fused(x), ref(x))
+        assert fused._network_plan is not plan
+        for model in (fused, ref):  # the FC
+            model.fc.bias.fill_(0.5)
+        close(fused(x), ref(x))
+
+
+def test_plan_rebuilt_after_load_state_dict_and_to():
+    fused, _ = fused_pair(seed=1)
+    other = torchvision_googlenet(seed=2)
+    x = torch.randn(1, 3, 64, 64)
+    run_plan(fused, x)
+    fused.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        close(fused(x), other(x))
+        fused.to(torch.float64)
+        other.to(torch.float64)
+        close(fused(x.double()), other(x.double()))
+
+
+def test_validation_after_training_uses_new_statistics():
+    """Train-mode forwards update every BN's running stats: the next eval refolds."""
+    fused, ref = fused_pair(aux_logits=True)
+    x = torch.randn(2, 3, 64, 64)
+    run_plan(fused, x)
+    for model in (fused, ref):
+        model.train()
+        with torch.no_grad():
+            for _ in range(2):
+                model(
+                    torch.randn(
+                        4, 3, 64, 64, generator=torch.Generator().manual_seed(0)
+                    )
+                )
+        model.eval()
+    with torch.no_grad():
+        close(fused(x), ref(x))
+
+
+def test_optimizer_step_seen():
+    fused, ref = fused_pair()
+    x = torch.randn(1, 3, 64, 64)
+    run_plan(fused, x)
+    for model in (fused, ref):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = model(x).square().sum()  # grad enabled: torchvision's forward
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        close(fused(x), ref(x))
+
+
+def test_pickle_and_deepcopy_drop_the_plan():
+    fused, _ref = fused_pair()
+    x = torch.randn(1, 3, 64, 64)
+    run_plan(fused, x)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    for clone in (
+        torch.load(buffer, weights_only=False),
+        copy.deepcopy(fused),
+        pickle.loads(pickle.dumps(fused)),
+    ):
+        assert clone._network_plan is None
+        close(run_plan(clone, x), run_plan(fused, x))
+
+
+# --- when torchvision's forward runs instead -------------------------------------
+
+
+def test_grad_enabled_takes_torchvision_forward():
+    fused, _ref = fused_pair()
+    x = torch.randn(1, 3, 64, 64)
+    out = fused(x)  # parameters require grad, grad mode on
+    assert out.requires_grad and fused._network_plan is None
+    out.sum().backward()
+    assert fused.conv1.conv.weight.grad is not None
+
+
+def test_hooks_take_torchvision_forward():
+    fused, ref = fused_pair()
+    seen = []
+    fused.conv3.register_forward_hook(lambda *_: seen.append(1))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        close(fused(x), ref(x))
+    assert seen == [1] and fused._network_plan is None
+
+
+def test_train_mode_returns_aux_outputs():
+    fused, _ = fused_pair(aux_logits=True)
+    fused.train()
+    out = fused(torch.randn(2, 3, 64, 64))
+    assert out.aux_logits1.shape == out.aux_logits2.shape == (2, NUM_CLASSES)
+
+
+def test_triton_or_reference_blocks_keep_their_backend():
+    ref = torchvision_googlenet()
+    fused = fuse_googlenet(copy.deepcopy(ref), backend="reference")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        close(fused(x), ref(x))
+    assert fused._network_plan is None
+
+
+def test_unfuse_restores_the_torchvision_class():
+    fused, _ = fused_pair()
+    run_plan(fused, torch.randn(1, 3, 64, 64))
+    unfuse_googlenet(fused)
+    assert type(fused) is torchvision.models.GoogLeNet
+    assert "_network_plan" not in fused.__dict__
+
+
+def test_compiled_model_takes_the_per_block_path():
+    fused, ref = fused_pair()
+    x = torch.randn(1, 3, 64, 64)
+    compiled = torch.compile(fused, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        close(compiled(x), ref(x))
+    assert fused._network_plan is None
+
+
+# --- each layer of the plan, through csrc's NetworkPlan with fewer stages ---------
+
+
+def stem_plan_tensors(model, dtype=torch.float32, winograd=True):
+    ext = load_extension()
+    stem = [
+        fold_conv_block(getattr(model, n), dtype) for n in ("conv1", "conv2", "conv3")
+    ]
+    w3 = ext.winograd_weights(stem[2][0]) if winograd else torch.empty(0)
+    return [torch.empty(0), *stem[0], *stem[1], *stem[2], w3]
+
+
+@pytest.mark.parametrize("winograd", [True, False], ids=["winograd", "direct"])
+@pytest.mark.parametrize("size", [(56, 56), (41, 37)], ids=["even", "odd"])
+def test_stem_and_head_layers_alone(winograd, size):
+    """conv1 + pool, conv2, conv3 + pool, average pool and FC without any block."""
+    model = torchvision_googlenet()
+    fc = torch.nn.Linear(192, 7)
+    tensors = stem_plan_tensors(model, winograd=winograd)
+    tensors += [
+        pack_weight(fc.weight.detach()[:, :, None, None], torch.float32),
+        fc.bias.detach(),
+    ]
+    plan = load_extension().NetworkPlan(tensors, [])
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        y = model.maxpool1(model.conv1(x))
+        y = model.maxpool2(model.conv3(model.conv2(y)))
+        expected = fc(y.mean((2, 3)))
+        close(plan.forward(x), expected)
+
+
+def test_one_block_with_pool_after_it():
+    """A block's output, then a 2x2/2 ceil-mode pool (maxpool4) on an odd map."""
+    model = fuse_googlenet(torchvision_googlenet())
+    block = model.inception3a
+    f = block.folded(torch.float32)
+    ext = load_extension()
+    fc = torch.nn.Linear(256, 5)
+    tensors = stem_plan_tensors(model)
+    tensors += [
+        f.stem_w,
+        f.stem_b,
+        f.pool_w,
+        f.pool_b,
+        f.w3,
+        f.b3,
+        f.w5,
+        f.b5,
+        ext.winograd_weights(f.w3),
+        ext.winograd_weights(f.w5),
+    ]
+    tensors += [
+        pack_weight(fc.weight.detach()[:, :, None, None], torch.float32),
+        fc.bias.detach(),
+    ]
+    plan = ext.NetworkPlan(tensors, [f.c1, f.r3, f.k3, f.k5, 2])
+    x = torch.randn(2, 3, 100, 84)
+    with torch.no_grad():
+        y = model.maxpool2(model.conv3(model.conv2(model.maxpool1(model.conv1(x)))))
+        y = model.maxpool4(unfuse_googlenet(copy.deepcopy(model)).inception3a(y))
+        close(plan.forward(x), fc(y.mean((2, 3))))
+
+
+def test_plan_rejects_mismatched_tensors():
+    model = fuse_googlenet(torchvision_googlenet())
+    plan = build_plan(model, torch.float32)
+    with pytest.raises(RuntimeError, match="expected a 4-D float CPU tensor with 3"):
+        plan(torch.randn(1, 4, 64, 64))
+    tensors = stem_plan_tensors(model)
+    with pytest.raises(RuntimeError, match="the FC does not take 192"):
+        load_extension().NetworkPlan(
+            tensors + [torch.zeros(100, 3), torch.zeros(3)], []
+        )
