@@ -1,9 +1,15 @@
-# make test / make demo / make bench: each bootstraps .venv on first use.
+# make test / make demo / make bench / make lint: each bootstraps .venv on first use.
+# make test-oldest: the suite on the oldest supported stack (README "Supported versions"),
+#   in .venv-oldest with its own copy of the tree and its own build of the extension.
 # On a machine whose Python already has torch (the GPU machine), skip the venv:
 #   make test SYSTEM_PYTHON=1      (installs this project with --no-deps into that Python)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_PINS = torch==2.14.1 torchvision==0.29.1
+# The oldest stack setup.py's install_requires allows (triton comes with torch).
+OLDEST_PINS = torch==2.7.1 torchvision==0.22.1
+OLDEST_VENV ?= .venv-oldest
+OLDEST_TESTS ?= tests
 SOURCES = setup.py $(wildcard csrc/*.cpp csrc/*.h)
 
 ifeq ($(SYSTEM_PYTHON),1)
@@ -14,7 +20,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 endif
 
-.PHONY: test demo bench lint clean
+.PHONY: test test-oldest demo bench lint clean
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q
@@ -31,15 +37,41 @@ lint: $(STAMP)
 $(VENV)/.installed: $(SOURCES)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_PINS) ninja setuptools wheel
-	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench,dev]'
 	touch $@
 
 .system-install.stamp: $(SOURCES)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
+# The oldest stack runs on a copy of the tree in $(OLDEST_VENV)/src: both stacks build
+# inception_fused/_C.<python tag>.so, and one build must not replace the other's. Each
+# sync replaces every file but the copy's build outputs, so build_ext only rebuilds the
+# extension when csrc/ changed (tar keeps the sources' times).
+OLDEST_SRC := $(abspath $(OLDEST_VENV))/src
+OLDEST_PY := $(abspath $(OLDEST_VENV))/bin/python
+define sync_oldest_src
+	mkdir -p $(OLDEST_SRC)
+	find $(OLDEST_SRC) -path $(OLDEST_SRC)/build -prune -o -type f ! -name '*.so' -exec rm {} +
+	tar -cf - --exclude=./.git --exclude='./.venv*' --exclude=./build --exclude='*.so' \
+		--exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache . \
+		| tar -xf - -C $(OLDEST_SRC)
+endef
+
+test-oldest: $(OLDEST_VENV)/.installed
+	$(sync_oldest_src)
+	cd $(OLDEST_SRC) && $(OLDEST_PY) setup.py -q build_ext --inplace
+	cd $(OLDEST_SRC) && $(OLDEST_PY) -m pytest $(OLDEST_TESTS) -q
+
+$(OLDEST_VENV)/.installed: setup.py
+	test -x $(OLDEST_PY) || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_PY) -m pip install -q $(OLDEST_PINS) ninja setuptools wheel
+	$(sync_oldest_src)
+	$(OLDEST_PY) -m pip install -q --no-build-isolation -e '$(OLDEST_SRC)[test,bench]'
+	touch $@
+
 clean:
-	rm -rf build *.egg-info inception_fused/*.so .system-install.stamp
+	rm -rf build *.egg-info inception_fused/*.so .system-install.stamp $(OLDEST_VENV)/src
 
 # make gpu-check [SYSTEM_PYTHON=1]: on a GPU machine, the CUDA suite, the sm_90a report
 # against the live device and the benchmark grid (benchmarks/gpu_check.py; --dry-run

@@ -37,7 +37,9 @@ setup(
     description="GoogLeNet's Inception module as fused Triton kernels, drop-in for PyTorch",
     packages=find_packages(include=["inception_fused", "inception_fused.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "torchvision"],
+    # Oldest stack tested (make test-oldest, README "Supported versions"): torch 2.7.1
+    # with the triton 3.3.1 it pins; torch 2.6's custom_op cannot read our annotations.
+    install_requires=["torch>=2.7", "torchvision>=0.22"],
     extras_require={
         "test": [
             "pytest",
@@ -55,6 +57,7 @@ setup(
             "onnxruntime",
             "openvino",
         ],
+        "dev": ["ruff>=0.6"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
