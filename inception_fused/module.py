@@ -13,7 +13,7 @@ from .cpu import CPU_DTYPES
 from .folding import FoldedInception, conv_blocks, fold_inception
 from .kernels.launch import interpreting
 from .library import eval_forward
-from .onnx_export import exporting_onnx, onnx_forward
+from .onnx_export import exporting_onnx
 from .reference import InceptionModule
 from .training import bn_batch_stats, fused_train_forward
 
@@ -115,8 +115,8 @@ class FusedInceptionModule(InceptionModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if exporting_onnx():  # no ONNX runtime knows our op: record standard ops
-            return onnx_forward(self, x)
+        if exporting_onnx():  # no ONNX runtime knows our op: see onnx_export.py
+            return super().forward(x)
         backend = self._resolve_backend(x)
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
