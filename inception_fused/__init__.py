@@ -1,5 +1,6 @@
 """GoogLeNet's Inception module as a few fused Triton kernels, drop-in for PyTorch."""
 
+from .fold_cache import refold
 from .googlenet import (
     AUX_LOSS_WEIGHT,
     TorchvisionFusedInception,
@@ -20,6 +21,7 @@ __all__ = [
     "fuse_googlenet",
     "googlenet",
     "googlenet_loss",
+    "refold",
     "to_reference",
     "unfuse_googlenet",
 ]

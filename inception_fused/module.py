@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 from torch import nn
 
 from .cpu import CPU_DTYPES
+from .eval_op import eval_forward
+from .fold_cache import FoldCache, module_tensors, structure_version
 from .folding import FoldedInception, conv_blocks, fold_inception
 from .kernels.launch import interpreting
-from .library import eval_forward
 from .onnx_export import exporting_onnx
 from .reference import InceptionModule
 from .training import bn_batch_stats, fused_train_forward
@@ -22,6 +24,37 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 
 def _default_backend() -> str:
     return os.environ.get("INCEPTION_FUSED_BACKEND", "auto")
+
+
+class _Layout(NamedTuple):
+    """Which submodules a forward reads: looked up again only when any module anywhere
+    registered a parameter, buffer or submodule (fold_cache.structure_version)."""
+
+    structure: int
+    bns: tuple[nn.Module, ...]  # the six BatchNorms; () with batch_norm=False
+    watched: tuple[nn.Module, ...]  # every submodule holding parameters or buffers
+    syncs_batch_stats: bool  # a SyncBatchNorm (convert_sync_batchnorm) among the BNs
+
+
+def _layout(module: InceptionModule) -> _Layout:
+    bns = tuple(b.bn for b in conv_blocks(module))
+    bns = () if bns[0] is None else bns
+    return _Layout(
+        structure=structure_version(),
+        bns=bns,
+        watched=tuple(m for m in module.modules() if m._parameters or m._buffers),
+        syncs_batch_stats=any(isinstance(bn, nn.SyncBatchNorm) for bn in bns),
+    )
+
+
+def _dtypes(x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(compute dtype, output dtype) of a call: ``x``'s, or under autocast the reference's
+    output dtype; on CPU the kernels compute in fp32 and the result is cast."""
+    device_type = x.device.type
+    if x.dtype == torch.float64 or not torch.is_autocast_enabled(device_type):
+        return x.dtype, x.dtype
+    low = torch.get_autocast_dtype(device_type)
+    return (x.dtype if device_type == "cpu" else low), low
 
 
 class FusedInceptionModule(InceptionModule):
@@ -45,7 +78,8 @@ class FusedInceptionModule(InceptionModule):
         self.backend = backend or _default_backend()
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        self._fold_cache: tuple[tuple, FoldedInception] | None = None
+        self._fold_cache: FoldCache[FoldedInception] = FoldCache()
+        self._cached_layout: _Layout | None = None
 
     @classmethod
     def from_module(
@@ -83,24 +117,42 @@ class FusedInceptionModule(InceptionModule):
     def folded(self, dtype: torch.dtype) -> FoldedInception:
         """BN-folded, kernel-packed weights for ``dtype``, refolded only when stale.
 
-        The key holds the storage address and version counter of every tensor the fold
-        reads, looked up afresh on each call, so in-place edits, optimizer steps, replaced
-        parameters, ``load_state_dict`` and ``.to()`` all invalidate it. (Direct attribute
-        lookups: walking ``self.parameters()`` cost ~0.3 ms per call.)
+        Stale means (fold_cache.FoldCache): a parameter or buffer was replaced or written
+        in place (``_version``: in-place edits, ``load_state_dict``, train-mode forwards
+        through ``num_batches_tracked``), an optimizer stepped over one (fused and foreach
+        ones too), the module switched train/eval mode or was moved (``.to()``), or
+        ``inception_fused.refold(model)`` was called. Edits that bypass all of these
+        (``p.data.copy_(...)`` in eval mode) need that call.
         """
-        key = (dtype,) + tuple(
-            (t.data_ptr(), t._version, t.dtype, t.device)
-            for t in _folded_tensors(self)
-            if t is not None
+        tensors = module_tensors(self._layout().watched)
+        return self._fold_cache.get(
+            tensors, functools.partial(self._fold, dtype), dtype
         )
-        if self._fold_cache is None or self._fold_cache[0] != key:
-            with torch.no_grad():
-                self._fold_cache = (key, fold_inception(self, dtype))
-        return self._fold_cache[1]
+
+    def _fold(self, dtype: torch.dtype) -> FoldedInception:
+        with torch.no_grad():
+            return fold_inception(self, dtype)
+
+    def _layout(self) -> _Layout:
+        layout = self._cached_layout
+        if layout is None or layout.structure != structure_version():
+            layout = self._cached_layout = _layout(self)
+        return layout
+
+    def train(self, mode: bool = True) -> FusedInceptionModule:
+        # A switch ends or starts a training phase: whatever changed the weights during
+        # it (even edits through .data), the next eval call folds afresh.
+        self._fold_cache.clear()
+        return super().train(mode)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> FusedInceptionModule:
+        # .to() / .cuda() / .double() swap param.data: same tensors, same versions.
+        self._fold_cache.clear()
+        return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_fold_cache"] = None  # never pickle derived weights: they would go stale
+        state["_cached_layout"] = None  # module references of the original
         return state
 
     def __prepare_scriptable__(self) -> NoReturn:
@@ -117,15 +169,23 @@ class FusedInceptionModule(InceptionModule):
         self._check_input(x)
         if exporting_onnx():  # no ONNX runtime knows our op: see onnx_export.py
             return super().forward(x)
-        backend = self._resolve_backend(x)
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters())
-        )
-        if backend == "reference" or (self.training and self._syncs_batch_stats()):
-            # SyncBatchNorm (convert_sync_batchnorm swapped our BNs) shares batch statistics
-            # across processes, which only the reference math does.
+        compute_dtype, out_dtype = _dtypes(x)
+        backend = self._resolve_backend(x, compute_dtype)
+        if backend == "reference":
             return super().forward(x)
-        if self.training or needs_grad or not self._has_running_stats():
+        # While tracing, read the module afresh: a graph cannot check a cache.
+        tracing = torch.compiler.is_compiling()
+        layout = _layout(self) if tracing else self._layout()
+        training = self.training or any(bn.training for bn in layout.bns)
+        if training and layout.syncs_batch_stats:
+            # SyncBatchNorm shares batch statistics across processes, which only the
+            # reference math does.
+            return super().forward(x)
+        tensors = module_tensors(layout.watched)
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
+        )
+        if training or needs_grad or not _tracks_running_stats(layout):
             # Batch statistics or gradients: the Triton train kernels behind an autograd
             # op. The C++ backend is eval-only, so CPU training runs the reference math,
             # as do BN layers that disagree on train/eval mode and empty inputs.
@@ -133,21 +193,18 @@ class FusedInceptionModule(InceptionModule):
             if backend != "triton" or batch_stats is None or x.numel() == 0:
                 return super().forward(x)
             return fused_train_forward(self, x, batch_stats)
-        if torch.compiler.is_compiling():
-            # A traced graph cannot check the cache key (storage addresses): fold inside
-            # the graph instead (Inductor's freezing turns it into constants).
-            return eval_forward(x, fold_inception(self, x.dtype), backend)
-        return eval_forward(x, self.folded(x.dtype), backend)
-
-    def _syncs_batch_stats(self) -> bool:
-        return any(isinstance(b.bn, nn.SyncBatchNorm) for b in conv_blocks(self))
-
-    def _has_running_stats(self) -> bool:
-        return all(
-            b.bn is None or b.bn.running_mean is not None for b in conv_blocks(self)
+        if tracing:  # fold inside the graph (Inductor's freezing makes it constants)
+            f = fold_inception(self, compute_dtype)
+        else:
+            build = functools.partial(self._fold, compute_dtype)
+            f = self._fold_cache.get(tensors, build, compute_dtype)
+        out = eval_forward(
+            x if x.dtype == compute_dtype else x.to(compute_dtype), f, backend
         )
+        return out if out_dtype == compute_dtype else out.to(out_dtype)
 
-    def _resolve_backend(self, x: torch.Tensor) -> str:
+    def _resolve_backend(self, x: torch.Tensor, dtype: torch.dtype) -> str:
+        """The backend for ``x`` computed in ``dtype``."""
         if self.backend == "reference":
             return "reference"
         if x.is_cuda:
@@ -161,18 +218,18 @@ class FusedInceptionModule(InceptionModule):
                     f"before importing inception_fused to interpret the kernels on CPU; "
                     f"got a tensor on {x.device}"
                 )
-            if x.dtype not in CPU_DTYPES:
+            if dtype not in CPU_DTYPES:
                 raise TypeError(
-                    f"the Triton interpreter on CPU runs float32 and float64, got {x.dtype}"
+                    f"the Triton interpreter on CPU runs float32 and float64, got {dtype}"
                 )
             return "triton"
         if x.device.type != "cpu":
             raise RuntimeError(f"no fused backend for tensors on {x.device}")
-        if x.dtype in CPU_DTYPES:
+        if dtype in CPU_DTYPES:
             return "cpu"
         if self.backend == "cpu":
             raise TypeError(
-                f"the C++ CPU backend runs float32 and float64, got {x.dtype}; use "
+                f"the C++ CPU backend runs float32 and float64, got {dtype}; use "
                 f"backend='reference' (or 'auto') for other dtypes on CPU"
             )
         return "reference"  # auto: no fused CPU kernel for this dtype
@@ -203,12 +260,5 @@ class FusedInceptionModule(InceptionModule):
             )
 
 
-def _folded_tensors(module: InceptionModule) -> list[torch.Tensor | None]:
-    """Every tensor fold_inception reads (None where a layer has no such tensor)."""
-    tensors = []
-    for block in conv_blocks(module):
-        tensors += [block.conv.weight, block.conv.bias]
-        if block.bn is not None:
-            bn = block.bn
-            tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
-    return tensors
+def _tracks_running_stats(layout: _Layout) -> bool:
+    return all(bn._buffers.get("running_mean") is not None for bn in layout.bns)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from . import library  # noqa: F401  registers torch.ops.inception_fused
+from . import eval_op  # noqa: F401  registers torch.ops.inception_fused
 
 
 def exporting_onnx() -> bool:

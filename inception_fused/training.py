@@ -20,6 +20,7 @@ from .folding import (
     conv_blocks,
     pack_weight,
 )
+from .kernels.launch import on_device
 from .kernels.train_backward import FlatGrads, split_grads, train_backward_flat
 from .kernels.train_forward import TrainForward, train_forward
 from .reference import InceptionModule
@@ -110,7 +111,7 @@ def _train_forward_op(
     """
     momenta = [None if c else m for m, c in zip(momentum, cumulative, strict=True)]
     running = (running_mean, running_var, num_batches_tracked) if running_mean else None
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False), on_device(x):
         w = _pack(conv_weights, conv_biases, x.dtype)
         bn = _bn_params(
             conv_weights, bn_weights, bn_biases, eps, running, momenta, x.dtype
@@ -161,7 +162,7 @@ def _train_backward_op(
     needs_input_grad: bool,
 ) -> list[Tensor]:
     """The FlatGrads fields as a list; grad_x is empty when not needed."""
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False), on_device(x):
         w = _pack(conv_weights, [None] * 6, x.dtype)
         bn = _bn_params(
             conv_weights, bn_weights, bn_biases, eps, None, [None] * 6, x.dtype
@@ -289,13 +290,15 @@ def fused_train_forward(
     """The module's forward through the autograd custom op (Triton kernels).
 
     ``batch_stats`` as :func:`bn_batch_stats` decides (not None).
-    Under autocast the convs run in the autocast dtype (like cuDNN's), BN statistics and
-    parameters stay fp32.
+    Under autocast the output has the reference's dtype (the autocast dtype). On CUDA
+    the convs run in it (like cuDNN's), BN statistics and parameters stay fp32; the CPU
+    interpreter computes in the input's dtype and casts the output.
     """
     device_type = x.device.type
-    dtype = x.dtype
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = out_dtype = x.dtype
+    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
+        out_dtype = torch.get_autocast_dtype(device_type)
+        dtype = x.dtype if device_type == "cpu" else out_dtype
     if device_type == "cpu" and dtype not in CPU_INTERPRETER_DTYPES:
         raise TypeError(
             f"the Triton interpreter on CPU runs float32 and float64, got {dtype}"
@@ -322,7 +325,7 @@ def fused_train_forward(
         else [],
         "batch_stats": batch_stats,
     }
-    return _InceptionTrain.apply(
+    out = _InceptionTrain.apply(
         bn_args,
         x.to(dtype),
         *(b.conv.weight.to(dtype) for b in blocks),
@@ -330,3 +333,4 @@ def fused_train_forward(
         *([bn.weight for bn in bns] if has_bn else none6),
         *([bn.bias for bn in bns] if has_bn else none6),
     )
+    return out.to(out_dtype)

@@ -10,7 +10,7 @@ import torchvision
 from conftest import DEVICE, ON_GPU, assert_close, make_reference, randomize_bn
 
 from inception_fused import FusedInceptionModule, fuse_googlenet
-from inception_fused.library import eval_forward
+from inception_fused.eval_op import eval_forward
 
 BACKEND = "triton" if ON_GPU else "cpu"
 CHANNELS = (16, 4, 6, 8, 2, 4, 4)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import assert_close, make_reference
 
-from inception_fused import FusedInceptionModule, cpu, library, module
+from inception_fused import FusedInceptionModule, cpu, eval_op, module
 from inception_fused.configs import GOOGLENET_CONFIGS
 
 ODD = (37, 5, 7, 11, 3, 9, 6)  # channel counts not multiples of the SIMD width
@@ -134,10 +134,10 @@ def calls(monkeypatch):
     """Record which eval path each forward takes."""
     taken = []
     monkeypatch.setattr(
-        library, "cpu_eval_forward", lambda x, *_: taken.append("cpu") or x.clone()
+        eval_op, "cpu_eval_forward", lambda x, *_: taken.append("cpu") or x.clone()
     )
     monkeypatch.setattr(
-        library,
+        eval_op,
         "inception_eval_forward",
         lambda x, f: taken.append("triton") or x.clone(),
     )

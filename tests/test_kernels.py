@@ -1,9 +1,12 @@
 """Kernel-level checks: each launch writes exactly its own slices."""
 
 import torch
+import triton
+import triton.language as tl
 from conftest import DEVICE, assert_close, make_reference
 
 from inception_fused import FusedInceptionModule
+from inception_fused.kernels.conv_tile import nhwc_strides
 from inception_fused.kernels.launch import tile_config
 from inception_fused.kernels.pointwise import launch_pointwise
 from inception_fused.kernels.spatial import launch_spatial
@@ -64,3 +67,18 @@ def test_spatial_writes_only_branches_2_and_3():
         assert_close(out[:, 6:16], ref.branch2[1](reduced[:, :5]))
         assert_close(out[:, 16:23], ref.branch3[1](reduced[:, 5:]))
     assert torch.isnan(out[:, :6]).all() and torch.isnan(out[:, 23:]).all()
+
+
+@triton.jit
+def _strides_kernel(out_ptr, H, W, C):
+    s_n, _, s_h, s_w = nhwc_strides(H, W, C)
+    tl.store(out_ptr, s_n)
+    tl.store(out_ptr + 1, s_h)
+    tl.store(out_ptr + 2, s_w)
+
+
+def test_image_strides_are_64_bit():
+    # One image of 2048 x 2048 x 1024 elements: H*W*C = 2**32 overflows int32.
+    out = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    _strides_kernel[(1,)](out, 2048, 2048, 1024)
+    assert out.tolist() == [2**32, 2048 * 1024, 1024]

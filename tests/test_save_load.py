@@ -50,9 +50,9 @@ def test_state_dict_round_trip_weights_only():
 def test_whole_model_round_trip_drops_fold_caches():
     model = fused_googlenet()
     expected = run(model)
-    assert all(b._fold_cache is not None for b in blocks(model))
+    assert all(b._fold_cache.value is not None for b in blocks(model))
     loaded = round_trip(model, weights_only=False)
-    assert all(b._fold_cache is None for b in blocks(loaded))
+    assert all(b._fold_cache.value is None for b in blocks(loaded))
     assert all(b.backend == "cpu" and not b.training for b in blocks(loaded))
     torch.testing.assert_close(run(loaded), expected, atol=0, rtol=0)
     # The loaded model folds its own tensors: edits after loading take effect.
@@ -67,6 +67,6 @@ def test_pickle_and_deepcopy_carry_no_folded_weights():
     size_without_cache = len(pickle.dumps(block))
     with torch.no_grad():
         block(torch.randn(1, block.in_channels, 4, 4))
-    assert block._fold_cache is not None
+    assert block._fold_cache.value is not None
     assert len(pickle.dumps(block)) == size_without_cache
-    assert copy.deepcopy(block)._fold_cache is None
+    assert copy.deepcopy(block)._fold_cache.value is None

@@ -230,18 +230,6 @@ def test_opcheck(train):
     )  # fmt: skip
 
 
-@pytest.mark.skipif(ON_GPU, reason="the interpreter's dtype limit")
-def test_cpu_autocast_bf16_is_refused_before_any_kernel():
-    fused, _ = pair()
-    x = torch.randn(2, 20, 4, 4)
-    with (
-        torch.autocast("cpu", dtype=torch.bfloat16),
-        pytest.raises(TypeError, match="float32 and float64"),
-    ):
-        fused(x)
-    assert int(fused.branch1.bn.num_batches_tracked) == 0
-
-
 @pytest.mark.skipif(not ON_GPU, reason="autocast dtypes need the compiled kernels")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_autocast(dtype):

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv_tile import bn_relu
-from .launch import acc_dtype
+from .conv_tile import bn_relu, div_rn, finite_or_zero
+from .launch import acc_dtype, compiled_for_gpu
 
 
 @triton.jit
@@ -39,7 +39,7 @@ def finalize_stats_kernel(
     ok = idx < n_cols
     cols = col0 + idx
     # Means are kept relative to tile 0's so the weighted sums stay at the spread's scale.
-    shift = tl.load(part_mean_ptr + cols, mask=ok, other=0.0)
+    shift = finite_or_zero(tl.load(part_mean_ptr + cols, mask=ok, other=0.0))
     mean = tl.zeros((BLOCK_C,), ACC)
     m2 = tl.zeros((BLOCK_C,), ACC)
     n_a = tl.zeros((BLOCK_C,), ACC)  # rows merged so far
@@ -54,23 +54,23 @@ def finalize_stats_kernel(
         mean_t = tl.load(part_mean_ptr + offs, mask=both_ok, other=0.0) - shift[None, :]
         m2_t = tl.load(part_m2_ptr + offs, mask=both_ok, other=0.0)
         n_b = tl.sum(n_t, axis=0)
-        mean_b = tl.sum(n_t[:, None] * mean_t, axis=0) / n_b
+        mean_b = div_rn(tl.sum(n_t[:, None] * mean_t, axis=0), n_b)
         d = tl.where(both_ok, mean_t - mean_b[None, :], 0.0)
         m2_b = tl.sum(m2_t, axis=0) + tl.sum(n_t[:, None] * d * d, axis=0)
         n_ab = n_a + n_b
         delta = mean_b - mean
-        mean += delta * (n_b / n_ab)
-        m2 += m2_b + delta * delta * (n_a * n_b / n_ab)
+        mean += delta * div_rn(n_b, n_ab)
+        m2 += m2_b + delta * delta * div_rn(n_a * n_b, n_ab)
         n_a = n_ab
     eps = tl.load(eps_ptr + idx, mask=ok, other=1.0)
-    var_eps = m2 / n_a + eps
+    var_eps = div_rn(m2, n_a) + eps
     if ACC == tl.float64:
         std = tl.sqrt(var_eps)  # fp64 sqrt is correctly rounded; sqrt_rn is fp32 only
     else:
         std = tl.sqrt_rn(var_eps)  # fp32 tl.sqrt may be approximate on the GPU
     tl.store(mean_ptr + cols, shift + mean, mask=ok)
-    tl.store(invstd_ptr + cols, 1.0 / std, mask=ok)
-    tl.store(var_ptr + cols, m2 / (n_a - 1.0), mask=ok)
+    tl.store(invstd_ptr + cols, div_rn(1.0, std), mask=ok)
+    tl.store(var_ptr + cols, div_rn(m2, n_a - 1.0), mask=ok)
 
 
 @triton.jit
@@ -123,7 +123,7 @@ def finalize_stats(
     ``var_unbiased`` (for running_var), all [C] in the accumulator dtype. Needs m >= 2.
     """
     part_mean, part_m2 = partials
-    on_gpu = part_mean.is_cuda
+    on_gpu = compiled_for_gpu(part_mean)
     block_c = _block(n_cols, on_gpu, 64, 1024)
     # 16 tiles per step in the interpreter too, so CPU tests merge several chunks.
     block_t = 64 if on_gpu else 16
@@ -159,7 +159,7 @@ def bn_relu_pass(
     m, c = z.shape
     if m == 0:
         return
-    on_gpu = z.is_cuda
+    on_gpu = compiled_for_gpu(z)
     block_c = _block(c, on_gpu, 128, 1024)
     block_m = _block(m, on_gpu, 32, (1 << 18) // block_c)
     vectors = bn if bn is not None else (z,) * 4

@@ -78,7 +78,7 @@ def conv_tile(
                             mask=ok[:, None] & k_ok[None, :],
                             other=float("-inf"),
                         )
-                        a = tl.maximum(a, v)
+                        a = tl.maximum(a, v, propagate_nan=tl.PropagateNan.ALL)
                 a = tl.where(row_ok[:, None] & k_ok[None, :], a, 0.0)
                 a = a.to(x_ptr.dtype.element_ty)  # bf16 max/where come back as fp32
             else:
@@ -130,8 +130,39 @@ def bn_relu(
         gamma = tl.load(gamma_ptr + kk, mask=k_ok, other=0.0).to(ACC)
         beta = tl.load(beta_ptr + kk, mask=k_ok, other=0.0).to(ACC)
         v = (v - mean[None, :]) * (invstd * gamma)[None, :] + beta[None, :]
-    v = tl.where(ok, tl.maximum(v, 0.0), 0.0)
+    v = tl.where(ok, relu(v), 0.0)
     return v.to(a.dtype)
+
+
+@triton.jit
+def relu(v):
+    """max(v, 0) with ReLU(NaN) = NaN, as torch.relu (tl.maximum alone drops NaN)."""
+    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nhwc_strides(H, W, C):
+    """Element strides (n, c, h, w) of an [N*H*W, C] row-major matrix read as NHWC, in
+    64 bits: an image's H*W*C may pass 2**31."""
+    c = tl.cast(C, tl.int64)
+    return H * W * c, 1, W * c, c
+
+
+@triton.jit
+def div_rn(x, y):
+    """x / y rounded to nearest, as torch divides: fp32 `/` compiles to div.full.f32 (up
+    to 2 ulp) on NVIDIA GPUs; fp64 `/` is already correctly rounded."""
+    q = x / y  # dead code for fp32; keeps Triton's type promotion for the check
+    if q.dtype == tl.float32:
+        q = tl.math.div_rn(tl.cast(x, q.dtype), tl.cast(y, q.dtype))
+    return q
+
+
+@triton.jit
+def finite_or_zero(v):
+    """v where finite, else 0: a shift for centred sums. An infinite shift would turn an
+    infinite mean (torch's for a column holding inf) into inf - inf = NaN."""
+    return tl.where(tl.abs(v) < float("inf"), v, 0.0)
 
 
 @triton.jit
@@ -173,7 +204,7 @@ def store_tile(
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
     z = acc + bias[None, :].to(acc.dtype)
     if not TRAIN:
-        z = tl.maximum(z, 0.0)
+        z = relu(z)
     z = z.to(z_ptr.dtype.element_ty)
     ok = row_ok[:, None] & col_ok[None, :]
     offs = rows.to(tl.int64)[:, None] * z_row_stride + cols[None, :]
@@ -182,10 +213,12 @@ def store_tile(
         # Shift by the tile's first row (always valid) so the sums run over values of the
         # size of the spread, not of the mean: the mean keeps its precision too.
         zf = z.to(acc.dtype)
-        shift = tl.sum(tl.where((tl.arange(0, BLOCK_M) == 0)[:, None], zf, 0.0), axis=0)
+        shift = finite_or_zero(
+            tl.sum(tl.where((tl.arange(0, BLOCK_M) == 0)[:, None], zf, 0.0), axis=0)
+        )
         d = tl.where(row_ok[:, None], zf - shift[None, :], 0.0)
         count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(acc.dtype)
-        d_mean = tl.sum(d, axis=0) / count
+        d_mean = div_rn(tl.sum(d, axis=0), count)
         d = tl.where(row_ok[:, None], d - d_mean[None, :], 0.0)
         part = pid_m.to(tl.int64) * part_row_stride + cols
         tl.store(part_mean_ptr + part, shift + d_mean, mask=col_ok)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +23,19 @@ class TileConfig:
 
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:  # Triton < 3.4 reads the variable itself, and only "1" counts
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)
+
+
+def compiled_for_gpu(t: torch.Tensor) -> bool:
+    """Whether kernels on ``t`` are compiled for a GPU (else the interpreter runs them).
+
+    Meta tensors stand for CUDA tensors in ahead-of-time compiles (kernels/aot.py), so the
+    launchers pick the tiles they would pick on a GPU.
+    """
+    return t.is_cuda or t.is_meta
 
 
 def _pow2(x: int, lo: int, hi: int) -> int:
@@ -53,13 +67,37 @@ def tile_config(
 
 def input_precision(dtype: torch.dtype) -> str:
     """fp32 tl.dot uses TF32 only where torch would let cuDNN's convs use it."""
-    if (
-        dtype == torch.float32
-        and not interpreting()
-        and torch.backends.cudnn.allow_tf32
+    if dtype != torch.float32 or interpreting():
+        return "ieee"
+    return "tf32" if _cudnn_conv_allows_tf32() else "ieee"
+
+
+def _cudnn_conv_allows_tf32() -> bool:
+    """torch's fp32 precision for cuDNN convs, from the API the user may have set.
+
+    Once any ``fp32_precision`` flag is set, reading the legacy ``allow_tf32`` raises
+    ("a mix of the legacy and new APIs"), so read the new flags where torch has them:
+    ``cudnn.conv``, else (``"none"``: inherit) ``cudnn``, else the global one. Anything
+    but ``"tf32"`` (``"ieee"``, ``"none"`` at the root, ``"bf16"``) gets IEEE fp32.
+    """
+    backends = torch.backends
+    conv = getattr(backends.cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):  # torch before the new API
+        return bool(backends.cudnn.allow_tf32)
+    for precision in (
+        conv.fp32_precision,
+        backends.cudnn.fp32_precision,
+        backends.fp32_precision,
     ):
-        return "tf32"
-    return "ieee"
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``t``'s GPU the current one while kernels are launched for it: Triton launches
+    on the current CUDA device, which need not be the tensors' (a model on cuda:1)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def acc_dtype(dtype: torch.dtype) -> tl.dtype:

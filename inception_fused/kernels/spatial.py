@@ -14,13 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv_tile import conv_tile, store_tile, tile_pixels
+from .conv_tile import conv_tile, nhwc_strides, store_tile, tile_pixels
 from .launch import TileConfig, acc_dtype, input_precision
 
 
-# Branch parameters are picked at run time by an if/else; an int equal to 1 would otherwise be
-# specialised to a constexpr in one arm only, and the arms' types would then disagree.
-@triton.jit(do_not_specialize=["R3", "R5", "C3", "C5", "K3", "K5", "COL3"])
+@triton.jit
 def inception_spatial_kernel(
     red_ptr,  # scratch [M, R3 + R5]: the two reduce outputs side by side
     red_mean_ptr,
@@ -59,27 +57,27 @@ def inception_spatial_kernel(
     pid_n = tl.program_id(1)
     rows, n, oh, ow, row_ok = tile_pixels(pid_m, M, H, W, BLOCK_M)
     tiles3 = tl.cdiv(C3, BLOCK_N)
-    if pid_n < tiles3:
-        in_ptr, c_in, ks = red_ptr, R3, K3
-        mean_ptr, invstd_ptr = red_mean_ptr, red_invstd_ptr
-        gamma_ptr, beta_ptr = red_gamma_ptr, red_beta_ptr
-        w_ptr, b_ptr, n_cols, col0 = w3_ptr, b3_ptr, C3, COL3
-        tile_n = pid_n
-    else:
-        in_ptr, c_in, ks = red_ptr + R3, R5, K5
-        mean_ptr, invstd_ptr = red_mean_ptr + R3, red_invstd_ptr + R3
-        gamma_ptr, beta_ptr = red_gamma_ptr + R3, red_beta_ptr + R3
-        w_ptr, b_ptr, n_cols, col0 = w5_ptr, b5_ptr, C5, COL3 + C3
-        tile_n = pid_n - tiles3
-    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # The branch's parameters by select, not if/else: no do_not_specialize is needed for
+    # the arms' types to agree (an int equal to 1 arrives as a constexpr), so the ints keep
+    # their divisible-by-16 facts and the loads stay vectorised and asynchronous.
+    is3 = pid_n < tiles3
+    red0 = tl.where(is3, 0, R3)  # branch's first column in the scratch and BN vectors
+    c_in = tl.where(is3, R3, R5)
+    ks = tl.where(is3, K3, K5)
+    w_ptr = tl.where(is3, w3_ptr, w5_ptr)
+    b_ptr = tl.where(is3, b3_ptr, b5_ptr)
+    n_cols = tl.where(is3, C3, C5)
+    col0 = tl.where(is3, COL3, COL3 + C3)
+    cols = tl.where(is3, pid_n, pid_n - tiles3) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
     c_red = R3 + R5
+    s_n, s_c, s_h, s_w = nhwc_strides(H, W, c_red)
     acc = conv_tile(
-        in_ptr,
-        H * W * c_red,
-        1,
-        W * c_red,
-        c_red,
+        red_ptr + red0,
+        s_n,
+        s_c,
+        s_h,
+        s_w,
         n,
         oh,
         ow,
@@ -92,10 +90,10 @@ def inception_spatial_kernel(
         col_ok,
         n_cols,
         ks,
-        mean_ptr,
-        invstd_ptr,
-        gamma_ptr,
-        beta_ptr,
+        red_mean_ptr + red0,
+        red_invstd_ptr + red0,
+        red_gamma_ptr + red0,
+        red_beta_ptr + red0,
         False,
         TRAIN,
         IN_BN,

@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from ..folding import BNParams, FoldedInception, accumulator_dtype, pack_weight
-from .conv_tile import conv_tile, tile_pixels
-from .launch import acc_dtype, input_precision, tile_config
+from .conv_tile import conv_tile, div_rn, nhwc_strides, tile_pixels
+from .launch import acc_dtype, compiled_for_gpu, input_precision, tile_config
 from .train_forward import TrainForward
 
 
@@ -86,7 +86,9 @@ def masked_grad(
     else:  # sums in the accumulator dtype (the stats pointers are accumulator-typed)
         pre = z
         xhat = z.to(mean_ptr.dtype.element_ty)
-    return tl.where(pre > 0, dy.to(xhat.dtype), 0.0), xhat
+    # ReLU's backward passes dy where its input is not <= 0: a NaN input passes it, as in
+    # torch's threshold_backward.
+    return tl.where(pre <= 0, 0.0, dy.to(xhat.dtype)), xhat
 
 
 @triton.jit
@@ -212,8 +214,8 @@ def relu_bn_apply_kernel(
             invstd_ptr + cols, mask=col_ok, other=0.0
         )
         if BATCH_STATS:  # the batch mean and variance depend on every z of the column
-            mean_dy = tl.load(sum_dy_ptr + cols, mask=col_ok, other=0.0) / M
-            mean_dyx = tl.load(sum_dyx_ptr + cols, mask=col_ok, other=0.0) / M
+            mean_dy = div_rn(tl.load(sum_dy_ptr + cols, mask=col_ok, other=0.0), M)
+            mean_dyx = div_rn(tl.load(sum_dyx_ptr + cols, mask=col_ok, other=0.0), M)
             dz = dz - mean_dy[None, :] - xhat * mean_dyx[None, :]
         dz = dz * scale[None, :]
     dst = cols + tl.where(cols >= SKIP_FROM, SKIP, 0)
@@ -224,9 +226,7 @@ def relu_bn_apply_kernel(
     )
 
 
-# Branch parameters are picked at run time by an if/else; an int equal to 1 would otherwise be
-# specialised to a constexpr in one arm only, and the arms' types would then disagree.
-@triton.jit(do_not_specialize=["R3", "R5", "C3", "C5", "K3", "K5"])
+@triton.jit
 def reduce_grad_kernel(
     g_ptr,  # G [M, GC]: reads the dz3 / dz5 columns, writes the reduce columns
     GC,
@@ -262,21 +262,24 @@ def reduce_grad_kernel(
     pid_n = tl.program_id(1)
     rows, n, oh, ow, row_ok = tile_pixels(pid_m, M, H, W, BLOCK_M)
     tiles3 = tl.cdiv(R3, BLOCK_N)
-    if pid_n < tiles3:
-        in_col, c_in, ks, w_ptr, n_cols, red0 = COL3, C3, K3, w3t_ptr, R3, 0
-        tile_n = pid_n
-    else:
-        in_col, c_in, ks, w_ptr, n_cols, red0 = COL3 + C3, C5, K5, w5t_ptr, R5, R3
-        tile_n = pid_n - tiles3
-    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Selects, not if/else, as in inception_spatial_kernel: the ints keep their alignment.
+    is3 = pid_n < tiles3
+    in_col = tl.where(is3, COL3, COL3 + C3)
+    c_in = tl.where(is3, C3, C5)
+    ks = tl.where(is3, K3, K5)
+    w_ptr = tl.where(is3, w3t_ptr, w5t_ptr)
+    n_cols = tl.where(is3, R3, R5)
+    red0 = tl.where(is3, 0, R3)
+    cols = tl.where(is3, pid_n, pid_n - tiles3) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
+    s_n, s_c, s_h, s_w = nhwc_strides(H, W, GC)
     # A 'same' conv's data gradient is the 'same' conv of dz with the flipped kernel.
     acc = conv_tile(
         g_ptr + in_col,
-        H * W * GC,
-        1,
-        W * GC,
-        GC,
+        s_n,
+        s_c,
+        s_h,
+        s_w,
         n,
         oh,
         ow,
@@ -338,8 +341,8 @@ def window_argmax(
     BLOCK_N: tl.constexpr,
 ):
     """Tap (0..8, raster order) of each 3x3/s1/p1 window's maximum, as PyTorch picks it:
-    the first maximum in raster order (a NaN wins), so ties - common after a ReLU - go to
-    the same input as in max_pool2d's own backward."""
+    the first maximum in raster order, or the last NaN, so ties - common after a ReLU - and
+    NaNs go to the same input as in max_pool2d's own backward."""
     chan = cols.to(tl.int64)[None, :] * s_c
     n64 = n.to(tl.int64) * s_n
     best_v = tl.full((BLOCK_M, BLOCK_N), float("-inf"), x_ptr.dtype.element_ty)
@@ -394,12 +397,13 @@ def input_grad_kernel(
     _, n, oh, ow, row_ok = tile_pixels(tl.program_id(0), M, H, W, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C_in
+    s_n, s_c, s_h, s_w = nhwc_strides(H, W, GC)
     acc = conv_tile(
         g_ptr,
-        H * W * GC,
-        1,
-        W * GC,
-        GC,
+        s_n,
+        s_c,
+        s_h,
+        s_w,
         n,
         oh,
         ow,
@@ -438,10 +442,10 @@ def input_grad_kernel(
         )  # fmt: skip
         dpooled = conv_tile(
             g_ptr + POOL_COL,
-            H * W * GC,
-            1,
-            W * GC,
-            GC,
+            s_n,
+            s_c,
+            s_h,
+            s_w,
             n,
             qh,
             qw,
@@ -508,7 +512,7 @@ def _relu_bn_backward(
     """
     m, h, w = shape
     c = z.shape[1]
-    on_gpu = dy.is_cuda
+    on_gpu = compiled_for_gpu(dy)
     block_m, block_n = _elementwise_blocks(m, c, on_gpu)
     has_bn = len(stats) == 4
     acc = accumulator_dtype(z.dtype)
@@ -588,7 +592,7 @@ def train_backward_flat(
     dtype, dev = x.dtype, x.device
     g = torch.empty((m, gc), dtype=dtype, device=dev)
     g_strides = (h * wd * gc, 1, wd * gc, gc)
-    on_gpu = x.is_cuda
+    on_gpu = compiled_for_gpu(x)
     if bn is None:
         stats_out: tuple[torch.Tensor, ...] = ()
         stats_red: tuple[torch.Tensor, ...] = ()

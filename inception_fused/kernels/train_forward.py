@@ -23,7 +23,7 @@ import triton
 
 from ..folding import BLOCK_ORDER, BNParams, FoldedInception, accumulator_dtype
 from .batch_norm import bn_relu_pass, finalize_stats
-from .launch import tile_config
+from .launch import compiled_for_gpu, tile_config
 from .pointwise import launch_pointwise
 from .spatial import launch_spatial
 
@@ -206,7 +206,7 @@ def train_forward(
     if m == 0:
         return result
 
-    on_gpu = x.is_cuda
+    on_gpu = compiled_for_gpu(x)
     cfg_a = tile_config(x.dtype, m, max(w.stem_w.shape[1], c_pool), c_in, on_gpu)
     # Both launches write rows of one partials matrix, so they tile M alike.
     cfg_b = dataclasses.replace(

@@ -1,22 +1,24 @@
-"""The eval forward as a torch.library custom op, ``inception_fused::eval_forward``.
+"""The eval forward: a torch.library custom op for tracing, a direct call otherwise.
 
-Registering it lets ``torch.compile`` (``fullgraph=True``), ``torch.export`` and FakeTensor
-tracing treat a fused Inception block as one opaque operator with a known output, instead
-of breaking the graph at the kernel launches. The op takes the BN-folded weights
-(:class:`~inception_fused.folding.FoldedInception`) and the backend, and runs the two
-Triton launches (CUDA tensors, or CPU tensors through the interpreter) or the C++ CPU
-backend.
+Registering ``inception_fused::eval_forward`` lets ``torch.compile`` (``fullgraph=True``),
+``torch.export`` and FakeTensor tracing treat a fused Inception block as one opaque
+operator with a known output, instead of breaking the graph at the kernel launches. The
+op takes the BN-folded weights (:class:`~inception_fused.folding.FoldedInception`) and the
+backend, and runs the two Triton launches (CUDA tensors, or CPU tensors through the
+interpreter) or the C++ CPU backend.
 
 It is a ``custom_op`` rather than a ``triton_op``: our kernels already write the whole
 module output, so Inductor has nothing to fuse into them, and an opaque op keeps one
-implementation for the Triton and C++ backends.
+implementation for the Triton and C++ backends. The dispatcher costs more host time than
+the rest of a call, so :func:`eval_forward` goes through the op only when something may
+be watching operators (tracing, dispatch or function modes, functorch, the profiler).
 """
 
 import torch
 
 from .cpu import cpu_eval_forward, load_extension, winograd_transform, winograd_weights
+from .eval_launch import inception_eval_forward
 from .folding import FoldedInception
-from .ops import inception_eval_forward
 
 OP_BACKENDS = ("triton", "cpu")
 
@@ -76,18 +78,36 @@ def _(x, stem_w, stem_b, pool_w, pool_b, w3, b3, w5, b5, c1, r3, k3, k5, backend
     )
 
 
+def unobserved(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` may skip the dispatcher: a plain tensor, and nothing that
+    records or transforms operators is active (compile/export tracing, JIT tracing,
+    dispatch and function modes such as FakeTensorMode or ``with torch.device``,
+    functorch transforms, the autograd profiler)."""
+    return (
+        type(x) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and not torch._C._len_torch_dispatch_stack()
+        and not torch._C._len_torch_function_stack()
+        and torch._C._get_tracing_state() is None
+        and not torch._C._autograd._profiler_enabled()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    )
+
+
 def eval_forward(x: torch.Tensor, f: FoldedInception, backend: str) -> torch.Tensor:
-    """Eval-mode Inception through the custom op; channels_last output.
+    """Eval-mode Inception of ``x`` over ``f``; channels_last output.
 
     ``backend`` is ``"triton"`` or ``"cpu"`` (the C++ backend, which then gets the cached
-    Winograd transform of ``f`` unless a graph is being traced).
+    Winograd transform of ``f`` unless a graph is being traced). Through the custom op
+    when :func:`unobserved` says something may watch, else straight to the kernels.
     """
+    if backend not in OP_BACKENDS:
+        raise ValueError(f"backend must be one of {OP_BACKENDS}, got {backend!r}")
+    if unobserved(x):
+        if backend == "triton":
+            return inception_eval_forward(x, f)
+        return cpu_eval_forward(x, f)
     winograd = (None, None)
     if backend == "cpu" and not torch.compiler.is_compiling():
         winograd = winograd_weights(load_extension(), f)
-    return _eval_forward_op(
-        x,
-        *f.as_args(),
-        backend,
-        *winograd,
-    )
+    return _eval_forward_op(x, *f.as_args(), backend, *winograd)

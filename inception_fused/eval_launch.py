@@ -1,0 +1,100 @@
+"""Fused Inception eval forward: the two Triton launches, wired to one preallocated output."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+from .folding import FoldedInception
+from .kernels.launch import TileConfig, compiled_for_gpu, on_device, tile_config
+from .kernels.pointwise import launch_pointwise
+from .kernels.spatial import launch_spatial
+
+
+class LaunchPlan(NamedTuple):
+    """What a call needs besides the tensors, fixed by the shapes: computed once."""
+
+    out_shape: tuple[int, int, int, int]
+    m: int  # pixels, N*H*W
+    c_red: int
+    cfg_pointwise: TileConfig
+    cfg_spatial: TileConfig
+
+
+@functools.lru_cache(maxsize=256)
+def launch_plan(
+    x_shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    on_gpu: bool,
+    c_stem: int,
+    c1: int,
+    r3: int,
+    c3: int,
+    c5: int,
+    c_pool: int,
+) -> LaunchPlan:
+    n, c_in, h, w = x_shape
+    m = n * h * w
+    c_red = c_stem - c1
+    return LaunchPlan(
+        out_shape=(n, c1 + c3 + c5 + c_pool, h, w),
+        m=m,
+        c_red=c_red,
+        cfg_pointwise=tile_config(dtype, m, max(c_stem, c_pool), c_in, on_gpu),
+        cfg_spatial=tile_config(dtype, m, max(c3, c5), max(r3, c_red - r3), on_gpu),
+    )
+
+
+def inception_eval_forward(x: torch.Tensor, f: FoldedInception) -> torch.Tensor:
+    """Eval-mode Inception (BN folded) in two Triton launches; returns channels_last output.
+
+    x may have any strides (NCHW-contiguous and channels_last both read without a copy).
+    """
+    plan = launch_plan(
+        tuple(x.shape),
+        x.dtype,
+        compiled_for_gpu(x),
+        f.stem_w.shape[1],
+        f.c1,
+        f.r3,
+        f.w3.shape[1],
+        f.w5.shape[1],
+        f.pool_w.shape[1],
+    )
+    out = torch.empty(
+        plan.out_shape,
+        device=x.device,
+        dtype=x.dtype,
+        memory_format=torch.channels_last,
+    )
+    if plan.m == 0:
+        return out
+    scratch = torch.empty((plan.m, plan.c_red), device=x.device, dtype=x.dtype)
+    with on_device(x):
+        launch_pointwise(
+            x,
+            f.stem_w,
+            f.stem_b,
+            f.pool_w,
+            f.pool_b,
+            out,
+            scratch,
+            f.c1,
+            plan.cfg_pointwise,
+        )
+        launch_spatial(
+            scratch,
+            f.w3,
+            f.b3,
+            f.w5,
+            f.b5,
+            out,
+            f.r3,
+            f.k3,
+            f.k5,
+            f.c1,
+            plan.cfg_spatial,
+        )
+    return out

@@ -1,0 +1,126 @@
+"""Compile the launchers' real launches for a GPU that is not there (sm_90a by default).
+
+Inside ``captured_launches()`` a Triton launch is recorded instead of run. Called with meta
+tensors (which the launchers treat as CUDA tensors, see launch.compiled_for_gpu), the
+launchers go through their GPU paths - tile choice, grid, arguments - without memory or
+a device. ``compile_launch`` then specialises each recorded launch exactly as Triton's
+runtime would (ints equal to 1 become constexprs, pointers and ints divisible by 16 carry
+that fact; a meta tensor's data_ptr is its byte offset, so views keep their alignment)
+and compiles it with the ptxas bundled in the Triton wheel. Needs the compiler, not the
+interpreter: run it in a process without TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from unittest import mock
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+SM90 = GPUTarget("cuda", 90, 32)
+
+
+@dataclass
+class Launch:
+    """One recorded kernel launch."""
+
+    kernel: JITFunction
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    grid: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+
+@contextmanager
+def captured_launches() -> Iterator[list[Launch]]:
+    """Record every JIT kernel launch made inside the block (nothing runs)."""
+    launches: list[Launch] = []
+
+    def record(kernel, *args, grid, warmup, **kwargs):
+        launches.append(Launch(kernel, args, kwargs, tuple(grid)))
+
+    with mock.patch.object(JITFunction, "run", record):
+        yield launches
+
+
+def specialise(launch: Launch, target: GPUTarget = SM90) -> tuple[ASTSource, dict]:
+    """The compile source and options Triton's runtime would build for this launch."""
+    kernel, kwargs = launch.kernel, dict(launch.kwargs)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, kwargs, bound, specialization, options
+    )
+    return ASTSource(kernel, signature, constexprs, attrs), options.__dict__
+
+
+def compile_launch(launch: Launch, target: GPUTarget = SM90) -> Any:
+    """A CompiledKernel (``.asm`` holds ttir, ptx and cubin; ``.metadata`` its resources)."""
+    source, options = specialise(launch, target)
+    return triton.compile(source, target=target, options=options)
+
+
+MODES = ("eval", "train", "backward")
+
+
+def module_launches(
+    channels: tuple[int, ...],
+    batch: int,
+    side: int,
+    dtype: torch.dtype,
+    branch3_kernel: int = 3,
+    modes: tuple[str, ...] = MODES,
+) -> dict[str, list[Launch]]:
+    """The launches of one Inception module's eval forward, train forward (batch
+    statistics) and backward at this shape, by mode, recorded on meta tensors."""
+    from ..folding import BNParams, fold_inception, pack_raw_inception
+    from ..eval_launch import inception_eval_forward
+    from ..reference import InceptionModule
+    from .train_backward import train_backward
+    from .train_forward import train_forward
+
+    module = InceptionModule(*channels, branch3_kernel=branch3_kernel)
+    module = module.to("meta", dtype)
+    x = torch.empty(batch, channels[0], side, side, device="meta", dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    found: dict[str, list[Launch]] = {}
+    if "eval" in modes:
+        with captured_launches() as found["eval"]:
+            inception_eval_forward(x, fold_inception(module, dtype))
+    if "train" in modes or "backward" in modes:
+        w = pack_raw_inception(module, dtype)
+        bn = BNParams.from_module(module, dtype)
+        with captured_launches() as train:
+            saved = train_forward(x, w, bn, True)
+        if "train" in modes:
+            found["train"] = train
+        if "backward" in modes:
+            with captured_launches() as found["backward"]:
+                train_backward(torch.empty_like(saved.out), x, w, bn, True, saved)
+    return found
+
+
+def launch_key(launch: Launch, target: GPUTarget = SM90) -> str:
+    """Equal for launches that compile to the same binary."""
+    source, options = specialise(launch, target)
+    return repr(
+        (
+            launch.name,
+            sorted(source.signature.items()),
+            sorted(map(repr, source.constants.items())),
+            sorted(map(repr, source.attrs.items())),
+            sorted((k, repr(v)) for k, v in options.items()),
+        )
+    )
