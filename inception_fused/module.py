@@ -15,7 +15,7 @@ from .eval_op import eval_forward
 from .fold_cache import FoldCache, dict_tensors, structure_version, tensor_dicts
 from .folding import FoldedInception, conv_blocks, fold_inception
 from .kernels.launch import interpreting
-from .onnx_export import exporting_onnx, onnx_forward
+from .onnx_export import exporting_onnx
 from .reference import InceptionModule
 from .training import bn_batch_stats, fused_train_forward
 
@@ -174,8 +174,8 @@ class FusedInceptionModule(InceptionModule):
         tracing = torch.compiler.is_compiling()
         layout = _layout(self) if tracing else self._layout()
         self._check_input(x, layout.first_conv.weight)
-        if exporting_onnx():  # no ONNX runtime knows our op: record standard ops
-            return onnx_forward(self, x)
+        if exporting_onnx():  # no ONNX runtime knows our op: see onnx_export.py
+            return super().forward(x)
         compute_dtype, out_dtype = _dtypes(x)
         backend = self._resolve_backend(x, compute_dtype)
         if backend == "reference":
