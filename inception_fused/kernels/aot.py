@@ -85,8 +85,8 @@ def module_launches(
 ) -> dict[str, list[Launch]]:
     """The launches of one Inception module's eval forward, train forward (batch
     statistics) and backward at this shape, by mode, recorded on meta tensors."""
-    from ..folding import BNParams, fold_inception, pack_raw_inception
     from ..eval_launch import inception_eval_forward
+    from ..folding import BNParams, fold_inception, pack_raw_inception
     from ..reference import InceptionModule
     from .train_backward import train_backward
     from .train_forward import train_forward
