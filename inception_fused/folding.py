@@ -6,8 +6,7 @@ Weights are packed in the layout the kernels read, an implicit-GEMM matrix
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -31,15 +30,17 @@ class FoldedInception:
     k3: int
     k5: int
 
-    @functools.cached_property
-    def args(self) -> tuple[torch.Tensor | int, ...]:
-        """The fields in order: the argument list of the eval op and the C++ entry."""
-        return tuple(getattr(self, field.name) for field in fields(self))
+    # args: the fields in order, the argument list of the eval op and the C++ entry.
+    # widths: (stem columns, c1, r3, c3, c5, pool), what a launch plan needs of the fold.
+    # Computed once here rather than by functools.cached_property, whose lock Dynamo
+    # cannot trace (a graph break per block under torch.compile).
+    args: tuple[torch.Tensor | int, ...] = field(init=False, repr=False, compare=False)
+    widths: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
-    @functools.cached_property
-    def widths(self) -> tuple[int, int, int, int, int, int]:
-        """(stem columns, c1, r3, c3, c5, pool): what a launch plan needs of the fold."""
-        return (
+    def __post_init__(self) -> None:
+        names = [f.name for f in fields(self) if f.init]
+        object.__setattr__(self, "args", tuple(getattr(self, n) for n in names))
+        widths = (
             self.stem_w.shape[1],
             self.c1,
             self.r3,
@@ -47,6 +48,7 @@ class FoldedInception:
             self.w5.shape[1],
             self.pool_w.shape[1],
         )
+        object.__setattr__(self, "widths", widths)
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
