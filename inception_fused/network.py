@@ -202,8 +202,14 @@ class FusedGoogLeNet(GoogLeNet):
 
     def forward(self, x: torch.Tensor):
         if self.training:
-            # Train-mode forwards update BN running stats in place: drop the plan.
+            # Train-mode forwards update BN running stats in place, on the C++ backend
+            # without bumping their version (issue 16): drop the plan and the blocks'
+            # folds. (Until the fold cache sees such updates itself.)
             self._network_plan = None
+            for name, _ in BLOCKS:
+                block = getattr(self, name, None)
+                if isinstance(block, FusedInceptionModule):
+                    block._fold_cache = None
         elif self._runs_plan(x):
             plan = self._plan(x.dtype)
             if not plan.has_hooks():  # hooks expect their modules to run
