@@ -131,6 +131,17 @@ class NetworkPlan:
     dtype: torch.dtype
     folds: tuple[FoldedInception, ...]
     key: tuple
+    modules: tuple[nn.Module, ...]  # whose hooks would be skipped
+
+    def has_hooks(self) -> bool:
+        from torch.nn.modules import module as module_globals
+
+        if (
+            module_globals._global_forward_hooks
+            or module_globals._global_forward_pre_hooks
+        ):
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.cpp.forward(x)
@@ -174,7 +185,9 @@ def build_plan(model: GoogLeNet, dtype: torch.dtype) -> NetworkPlan:
             model.fc.bias.detach().to(dtype).contiguous(),
         ]
     cpp = ext.NetworkPlan([t.contiguous() for t in tensors], ints)
-    return NetworkPlan(cpp, dtype, folds, stem_key(model, dtype))
+    return NetworkPlan(
+        cpp, dtype, folds, stem_key(model, dtype), tuple(model.modules())
+    )
 
 
 class FusedGoogLeNet(GoogLeNet):
@@ -189,10 +202,18 @@ class FusedGoogLeNet(GoogLeNet):
 
     def forward(self, x: torch.Tensor):
         if self.training:
-            # Train-mode forwards update BN running stats in place: drop the plan.
+            # Train-mode forwards update BN running stats in place, on the C++ backend
+            # without bumping their version (issue 16): drop the plan and the blocks'
+            # folds. (Until the fold cache sees such updates itself.)
             self._network_plan = None
+            for name, _ in BLOCKS:
+                block = getattr(self, name, None)
+                if isinstance(block, FusedInceptionModule):
+                    block._fold_cache = None
         elif self._runs_plan(x):
-            return self._plan(x.dtype)(x)
+            plan = self._plan(x.dtype)
+            if not plan.has_hooks():  # hooks expect their modules to run
+                return plan(x)
         return super().forward(x)
 
     def _runs_plan(self, x: torch.Tensor) -> bool:
@@ -215,8 +236,6 @@ class FusedGoogLeNet(GoogLeNet):
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         ):
             return False  # autograd needs the per-layer graph
-        if _has_hooks(self):
-            return False  # hooks expect their modules to run
         return plan_applies(self)
 
     def _plan(self, dtype: torch.dtype) -> NetworkPlan:
@@ -250,11 +269,3 @@ def _large_enough(height: int, width: int) -> bool:
             out = (size - kernel + 1) // 2 + 1
             size = out - 1 if (out - 1) * 2 >= size else out
     return True
-
-
-def _has_hooks(model: nn.Module) -> bool:
-    from torch.nn.modules import module as module_globals
-
-    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

@@ -1,5 +1,7 @@
 """The C++ CPU backend (csrc/): parity with the reference, layouts, errors, dispatch."""
 
+import os
+import subprocess
 import sys
 
 import pytest
@@ -204,16 +206,30 @@ def test_extension_matches_cpu_capability(capability, expected):
     assert cpu.extension_name(capability) == expected
 
 
-def test_baseline_extension_loads_when_capability_is_default(monkeypatch):
-    """The x86-64 baseline build loads and agrees with the AVX2 one."""
-    monkeypatch.setattr(cpu, "_extension", None)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
-    fused, ref = cpu_pair(ODD)
-    x = torch.randn(2, ODD[0], 7, 6)
-    out, expected = run_both(fused, ref, x)
-    assert cpu.load_extension().__name__ == "inception_fused._C"
-    assert_close(out, expected)
-    monkeypatch.setattr(cpu, "_extension", None)  # the next test reloads the default
+def test_baseline_extension_loads_when_capability_is_default():
+    """ATEN_CPU_CAPABILITY=default (a CPU without AVX2): the baseline build loads and
+    agrees with the reference. In a fresh process: one process loads one build."""
+    code = (
+        "import torch\n"
+        "from inception_fused import FusedInceptionModule, InceptionModule, cpu\n"
+        f"ref = InceptionModule(*{ODD!r}).eval()\n"
+        "fused = FusedInceptionModule.from_module(ref, backend='cpu').eval()\n"
+        f"x = torch.randn(2, {ODD[0]}, 7, 6)\n"
+        "with torch.no_grad():\n"
+        "    torch.testing.assert_close(fused(x), ref(x), atol=1e-4, rtol=1e-4)\n"
+        "print(cpu.load_extension().__name__)\n"
+    )
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "inception_fused._C"
 
 
 def eval_op_args(fused, x):
