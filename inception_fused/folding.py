@@ -31,14 +31,17 @@ class FoldedInception:
     k3: int
     k5: int
 
-    @functools.cached_property
+    @property
     def args(self) -> tuple[torch.Tensor | int, ...]:
-        """The fields in order: the argument list of the eval op and the C++ entry."""
+        """The fields in order: the argument list of the eval op and the C++ entry.
+        (A plain property: torch.compile traces it, and cached_property's lock is a
+        graph break.)"""
         return tuple(getattr(self, field.name) for field in fields(self))
 
     @functools.cached_property
     def widths(self) -> tuple[int, int, int, int, int, int]:
-        """(stem columns, c1, r3, c3, c5, pool): what a launch plan needs of the fold."""
+        """(stem columns, c1, r3, c3, c5, pool): what a launch plan needs of the fold
+        (read only in eager code and inside the op, never while tracing)."""
         return (
             self.stem_w.shape[1],
             self.c1,
