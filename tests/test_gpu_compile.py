@@ -21,6 +21,7 @@ import sys
 
 import pytest
 import torch
+from triton.runtime.jit import JITFunction
 
 # A GoogLeNet-like module whose channel counts are all multiples of 16 (as in the
 # network), at a small batch so that M <= 8192 picks the smaller GPU tiles.
@@ -77,6 +78,11 @@ STAGES = ("eval", "train", "backward")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="kernels compile on the GPU")
+# kernels/aot.py specialises a launch with the runtime's JITFunction._pack_args, which
+# the oldest supported Triton (3.3) lacks: the pinned stack's CI pass runs this check.
+@pytest.mark.skipif(
+    not hasattr(JITFunction, "_pack_args"), reason="this Triton has no _pack_args"
+)
 @pytest.mark.parametrize("stage", STAGES)
 def test_kernels_compile_for_sm90(stage):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
