@@ -303,9 +303,10 @@ class _InceptionTrain(torch.autograd.Function):
                 ctx.batch_stats, needs_x,
             )  # fmt: skip
         ctx.packed = None
-        flat = FlatGrads(*grads)
+        # Not NamedTuple._replace: torch 2.7's dynamo refuses to trace it (fullgraph).
+        flat = FlatGrads(grads[0] if needs_x else None, *grads[1:])
         grads = split_grads(
-            flat._replace(grad_x=flat.grad_x if needs_x else None),
+            flat,
             conv_weights[0].shape[0],
             conv_weights[1].shape[0],
             has_bn,

@@ -21,6 +21,7 @@ import sys
 
 import pytest
 import torch
+from triton.runtime.jit import JITFunction
 
 # A GoogLeNet-like module whose channel counts are all multiples of 16 (as in the
 # network), at a small batch so that M <= 8192 picks the smaller GPU tiles.
@@ -76,7 +77,15 @@ def run_stage(stage: str) -> int:
 STAGES = ("eval", "train", "backward")
 
 
+# kernels/aot.py specialises a launch with the runtime's JITFunction._pack_args, which
+# the oldest supported Triton (3.3) lacks: the pinned stack's CI pass runs these checks.
+needs_aot = pytest.mark.skipif(
+    not hasattr(JITFunction, "_pack_args"), reason="this Triton has no _pack_args"
+)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="kernels compile on the GPU")
+@needs_aot
 @pytest.mark.parametrize("stage", STAGES)
 def test_kernels_compile_for_sm90(stage):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -101,6 +110,7 @@ if __name__ == "__main__":
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="kernels compile on the GPU")
+@needs_aot
 def test_sm90_report_check_passes_on_a_subset():
     """benchmarks/sm90_report.py --check on 3a at batch 32 in bf16, eval and train:
     no spills, HGMMA, pipelined main loops, shared memory within 227 KiB."""

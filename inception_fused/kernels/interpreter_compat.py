@@ -28,9 +28,12 @@ def patch_interpreter_index() -> bool:
     if "int(self.handle.data)" not in inspect.getsource(original):
         return False  # this Triton already converts scalars safely
 
-    def patch_lang_tensor(tensor, scope) -> None:
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", _squeezed_index)
+    def patch_lang_tensor(tensor, *scope) -> None:  # Triton < 3.4 passes no scope
+        original(tensor, *scope)
+        if scope:
+            scope[0].set_attr(tensor, "__index__", _squeezed_index)
+        else:
+            tensor.__index__ = _squeezed_index
 
     patch_lang_tensor.squeezes_index = True
     interpreter._patch_lang_tensor = patch_lang_tensor
