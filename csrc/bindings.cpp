@@ -122,8 +122,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("winograd_w3") = pybind11::none(),
         pybind11::arg("winograd_w5") = pybind11::none(),
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  // module_local: the baseline and AVX2 builds both define this type; a process that
+  // imports both must not register it twice.
   pybind11::class_<inception_cpu::NetworkPlan>(
-      m, "NetworkPlan",
+      m, "NetworkPlan", pybind11::module_local(),
       "GoogLeNet's eval forward over folded, packed weights as one call (network.h "
       "documents the tensor and int order; inception_fused/network.py builds it)")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<int64_t>>(),
