@@ -69,10 +69,10 @@ def window_argmax(
 
 @triton.jit
 def input_grad_kernel(
-    g_ptr,  # G [M, GC]: stem columns [0, K_STEM), pool columns [POOL_COL, GC)
+    g_ptr,  # G [M, *] with row stride GC: stem columns [0, K_STEM)
+    dz_pool_ptr,  # G's first pool-projection column
     GC,
     K_STEM,
-    POOL_COL,
     C_POOL,
     stem_wt_ptr,  # [K_STEM, C_in]
     pool_wt_ptr,  # [C_POOL, C_in]
@@ -144,7 +144,7 @@ def input_grad_kernel(
             BLOCK_M, BLOCK_N,
         )  # fmt: skip
         dpooled = conv_tile(
-            g_ptr + POOL_COL,
+            dz_pool_ptr,
             s_n,
             s_c,
             s_h,
@@ -186,8 +186,9 @@ def input_grad_kernel(
 def launch_input_grad(
     g: torch.Tensor, w: FoldedInception, x: torch.Tensor
 ) -> torch.Tensor:
-    """grad_x (x's shape and strides) from G [M, C_out + r3 + r5], whose columns are
-    [c1 | r3 | r5 | c3 | c5 | cp] (the stem's dz first, the pool projection's last)."""
+    """grad_x (x's shape and strides) from G [M, C_out + r3 + r5] (any row stride), whose
+    columns are [c1 | r3 | r5 | c3 | c5 | cp] (the stem's dz first, the pool
+    projection's last)."""
     n, c_in, h, wd = x.shape
     m = n * h * wd
     col3 = w.stem_w.shape[1]
@@ -202,7 +203,7 @@ def launch_input_grad(
         cfg = dataclasses.replace(cfg, block_n=min(256, triton.next_power_of_2(c_in)))
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(c_in, cfg.block_n))
     input_grad_kernel[grid](
-        g, g.shape[1], col3, pool_col, cp, w.stem_w.t().contiguous(),
+        g, g[:, pool_col:], g.stride(0), col3, cp, w.stem_w.t().contiguous(),
         w.pool_w.t().contiguous(), x, *nchw_strides(x), grad_x,
         *nchw_strides(grad_x), m, h, wd, c_in, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,

@@ -19,10 +19,10 @@ from .relu_bn_backward import masked_grad, store_partials
 
 @triton.jit
 def reduce_grad_kernel(
-    g_ptr,  # G [M, GC]: reads the dz3 / dz5 columns, writes the reduce columns
-    GC,
-    RED_COL,
-    COL3,  # G's first reduce column and first dz3 column
+    dz_red_ptr,  # G's first reduce column: written
+    dz3_ptr,
+    dz5_ptr,  # G's first dz3 and dz5 columns: read
+    GC,  # G's row stride
     w3t_ptr,  # [K3*K3*C3, R3]: conv3's kernel flipped and transposed
     w5t_ptr,
     z_red_ptr,  # [M, R3 + R5]
@@ -55,7 +55,6 @@ def reduce_grad_kernel(
     tiles3 = tl.cdiv(R3, BLOCK_N)
     # Selects, not if/else, as in inception_spatial_kernel: the ints keep their alignment.
     is3 = pid_n < tiles3
-    in_col = tl.where(is3, COL3, COL3 + C3)
     c_in = tl.where(is3, C3, C5)
     ks = tl.where(is3, K3, K5)
     w_ptr = tl.where(is3, w3t_ptr, w5t_ptr)
@@ -66,7 +65,7 @@ def reduce_grad_kernel(
     s_n, s_c, s_h, s_w = nhwc_strides(H, W, GC)
     # A 'same' conv's data gradient is the 'same' conv of dz with the flipped kernel.
     acc = conv_tile(
-        g_ptr + in_col,
+        tl.where(is3, dz3_ptr, dz5_ptr),
         s_n,
         s_c,
         s_h,
@@ -102,8 +101,8 @@ def reduce_grad_kernel(
     ok = row_ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)[:, None]
     tl.store(
-        g_ptr + rows64 * GC + RED_COL + red_cols[None, :],
-        acc.to(g_ptr.dtype.element_ty),
+        dz_red_ptr + rows64 * GC + red_cols[None, :],
+        acc.to(dz_red_ptr.dtype.element_ty),
         mask=ok,
     )
     z = tl.load(z_red_ptr + rows64 * c_red + red_cols[None, :], mask=ok, other=0.0)
@@ -128,7 +127,9 @@ def launch_reduce_grad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """G[:, c1 : c1 + r3 + r5] from G's dz3/dz5 columns; returns the per-tile partials.
 
-    ``g`` is G [M, C_out + r3 + r5] (columns [c1 | r3 | r5 | c3 | c5 | cp]); ``stats_red``
+    ``g`` is G [M, C_out + r3 + r5] (columns [c1 | r3 | r5 | c3 | c5 | cp], any row
+    stride; each column group is passed as its own pointer, so that the runtime sees its
+    alignment); ``stats_red``
     the reduce layers' (mean, invstd, gamma, beta), or () without BN; ``shape`` (M, H, W).
     """
     m, h, wd = shape
@@ -146,7 +147,8 @@ def launch_reduce_grad(
     vectors = stats_red or (torch.empty(0, dtype=acc, device=dev),) * 4
     grid = (tiles_m, triton.cdiv(r3, cfg.block_n) + triton.cdiv(r - r3, cfg.block_n))
     reduce_grad_kernel[grid](
-        g, g.shape[1], c1, c1 + r, _flipped_transposed(w.w3, k3),
+        g[:, c1:], g[:, c1 + r :], g[:, c1 + r + c3 :], g.stride(0),
+        _flipped_transposed(w.w3, k3),
         _flipped_transposed(w.w5, k5), z_red, *vectors, *partials, m, h, wd, r3, r - r3,
         c3, c5, k3, k5, HAS_BN=bool(stats_red), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from ..folding import BNParams, FoldedInception
 from .input_grad import launch_input_grad
@@ -95,8 +96,11 @@ def train_backward_flat(
     col3 = c1 + r
     pool_col = col3 + c3 + c5
     dtype, dev = x.dtype, x.device
-    g = torch.empty((m, gc), dtype=dtype, device=dev)
-    g_strides = (h * wd * gc, 1, wd * gc, gc)
+    # Row stride a multiple of 16 elements: the kernels then know every row's start is
+    # aligned, and load G with 16-byte asynchronous copies.
+    g = torch.empty((m, triton.cdiv(gc, 16) * 16), dtype=dtype, device=dev)[:, :gc]
+    row = g.stride(0)
+    g_strides = (h * wd * row, 1, wd * row, row)
     if bn is None:
         stats_out: tuple[torch.Tensor, ...] = ()
         stats_red: tuple[torch.Tensor, ...] = ()
@@ -135,7 +139,7 @@ def train_backward_flat(
         ).to(dtype)
     nchw = (0, 3, 1, 2)
     a_red = a_red.view(n, h, wd, r).permute(nchw)
-    g4 = g.view(n, h, wd, gc).permute(nchw)
+    g4 = g.unflatten(0, (n, h, wd)).permute(nchw)
     return FlatGrads(
         grad_x=grad_x,
         stem_w=g[:, :col3].t() @ rows,
