@@ -60,7 +60,9 @@ def _conv_weight_grad(
     dz: torch.Tensor, act: torch.Tensor, packed: torch.Tensor, ks: int
 ) -> torch.Tensor:
     """Weight grad [C_out, C_in, ks, ks] of a 'same' conv from NCHW-indexed views."""
-    weight = packed.view(ks, ks, -1, packed.shape[1]).permute(3, 2, 0, 1)
+    # aten reads only the weight's shape and layout here; a contiguous copy (small) keeps
+    # slow_conv2d from rejecting the permuted view when C_out == 1.
+    weight = packed.view(ks, ks, -1, packed.shape[1]).permute(3, 2, 0, 1).contiguous()
     _, grad_w, _ = torch.ops.aten.convolution_backward(
         dz, act, weight, None, [1, 1], [ks // 2] * 2, [1, 1], False, [0, 0], 1,
         [False, True, False],
