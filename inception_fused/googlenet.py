@@ -149,6 +149,7 @@ def unfuse_googlenet(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     _swap_blocks(model, to_reference, (FusedInceptionModule,))
     if type(model) is FusedGoogLeNet:
         model.__dict__.pop("_network_plan", None)
+        model.__dict__.pop("_plan_cache", None)
         model.__class__ = GoogLeNet
     return model
 

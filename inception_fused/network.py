@@ -18,12 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torchvision.models.googlenet import BasicConv2d, GoogLeNet
 
 from .cpu import CPU_DTYPES, load_extension, winograd_transform, winograd_weights
+from .fold_cache import FoldCache, module_tensors
 from .folding import FoldedInception, fold_conv_block, pack_weight
 from .module import FusedInceptionModule
 
@@ -108,19 +110,10 @@ def plan_applies(model: GoogLeNet) -> bool:
     )
 
 
-def stem_tensors(model: GoogLeNet) -> list[torch.Tensor]:
-    """Every tensor of the plan outside the blocks, for its cache key."""
-    tensors = [model.fc.weight, model.fc.bias]
-    for block in (model.conv1, model.conv2, model.conv3):
-        bn = block.bn
-        tensors += [
-            block.conv.weight,
-            bn.weight,
-            bn.bias,
-            bn.running_mean,
-            bn.running_var,
-        ]
-    return [t for t in tensors if t is not None]
+def stem_modules(model: GoogLeNet) -> tuple[nn.Module, ...]:
+    """The modules outside the blocks whose tensors the plan folds and packs."""
+    stem = (model.conv1, model.conv2, model.conv3)
+    return (*(m for b in stem for m in (b.conv, b.bn)), model.fc)
 
 
 @dataclass
@@ -130,7 +123,6 @@ class NetworkPlan:
     cpp: object  # inception_fused._C.NetworkPlan
     dtype: torch.dtype
     folds: tuple[FoldedInception, ...]
-    key: tuple
     modules: tuple[nn.Module, ...]  # whose hooks would be skipped
 
     def has_hooks(self) -> bool:
@@ -147,17 +139,13 @@ class NetworkPlan:
         return self.cpp.forward(x)
 
 
-def stem_key(model: GoogLeNet, dtype: torch.dtype) -> tuple:
-    """Storage address and version of every non-block tensor (as the blocks' folds)."""
-    return (dtype, model.transform_input) + tuple(
-        (t.data_ptr(), t._version, t.dtype) for t in stem_tensors(model)
-    )
+def build_plan(
+    model: GoogLeNet, dtype: torch.dtype, folds: tuple[FoldedInception, ...]
+) -> NetworkPlan:
+    """Fold, pack and hand every layer of ``model`` to the C++ backend, once.
 
-
-def build_plan(model: GoogLeNet, dtype: torch.dtype) -> NetworkPlan:
-    """Fold, pack and hand every layer of ``model`` to the C++ backend, once."""
+    ``folds``: the blocks' own cached folds (``FusedInceptionModule.folded``)."""
     ext = load_extension()
-    folds = tuple(getattr(model, name).folded(dtype) for name, _ in BLOCKS)
     empty = torch.empty(0, dtype=dtype)
     with torch.no_grad():
         transform = (
@@ -185,9 +173,7 @@ def build_plan(model: GoogLeNet, dtype: torch.dtype) -> NetworkPlan:
             model.fc.bias.detach().to(dtype).contiguous(),
         ]
     cpp = ext.NetworkPlan([t.contiguous() for t in tensors], ints)
-    return NetworkPlan(
-        cpp, dtype, folds, stem_key(model, dtype), tuple(model.modules())
-    )
+    return NetworkPlan(cpp, dtype, folds, tuple(model.modules()))
 
 
 class FusedGoogLeNet(GoogLeNet):
@@ -202,14 +188,7 @@ class FusedGoogLeNet(GoogLeNet):
 
     def forward(self, x: torch.Tensor):
         if self.training:
-            # Train-mode forwards update BN running stats in place, on the C++ backend
-            # without bumping their version (issue 16): drop the plan and the blocks'
-            # folds. (Until the fold cache sees such updates itself.)
-            self._network_plan = None
-            for name, _ in BLOCKS:
-                block = getattr(self, name, None)
-                if isinstance(block, FusedInceptionModule):
-                    block._fold_cache = None
+            self._network_plan = None  # train-mode forwards update BN statistics
         elif self._runs_plan(x):
             plan = self._plan(x.dtype)
             if not plan.has_hooks():  # hooks expect their modules to run
@@ -239,22 +218,34 @@ class FusedGoogLeNet(GoogLeNet):
         return plan_applies(self)
 
     def _plan(self, dtype: torch.dtype) -> NetworkPlan:
-        """The cached plan; rebuilt when any folded tensor or block fold changed."""
-        plan = self._network_plan
-        if (
-            plan is not None
-            and plan.dtype == dtype
-            and plan.key == stem_key(self, dtype)
-        ):
-            folds = tuple(getattr(self, name).folded(dtype) for name, _ in BLOCKS)
-            if all(a is b for a, b in zip(folds, plan.folds, strict=True)):
-                return plan
-        self._network_plan = build_plan(self, dtype)
+        """The cached plan, rebuilt as a block's fold would be (fold_cache.FoldCache:
+        replaced or written tensors, optimizer steps, train-mode forwards through
+        ``num_batches_tracked``) or when a block refolded."""
+        folds = tuple(getattr(self, name).folded(dtype) for name, _ in BLOCKS)
+        cache = self.__dict__.get("_plan_cache")
+        if cache is None or self._network_plan is None:
+            cache = self.__dict__["_plan_cache"] = FoldCache()
+        # The plan holds the folds, so their ids stay unique while it is cached.
+        key = (dtype, self.transform_input, tuple(map(id, folds)))
+        self._network_plan = cache.get(
+            module_tensors(stem_modules(self)),
+            lambda: build_plan(self, dtype, folds),
+            key,
+        )
         return self._network_plan
+
+    def train(self, mode: bool = True) -> FusedGoogLeNet:
+        self._network_plan = None
+        return super().train(mode)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> FusedGoogLeNet:
+        self._network_plan = None  # .to() / .double() swap param.data in place
+        return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())
         state.pop("_network_plan", None)  # never pickle derived weights
+        state.pop("_plan_cache", None)
         return state
 
 

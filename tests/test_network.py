@@ -199,6 +199,36 @@ def test_pickle_and_deepcopy_drop_the_plan():
         close(run_plan(clone, x), run_plan(fused, x))
 
 
+@pytest.mark.parametrize("kind", ["fused", "foreach"])
+def test_plan_sees_optimizer_steps_on_the_stem(kind):
+    """A fused optimizer writes without bumping versions: the plan must still refold."""
+    fused, ref = fused_pair()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        run_plan(fused, x)
+    for model in (fused, ref):  # fine-tune the stem and head only, BN kept in eval
+        params = [model.conv1.conv.weight, model.fc.weight]
+        opt = torch.optim.Adam(params, lr=0.1, **{kind: True})
+        model(torch.randn(2, 3, 64, 64)).square().mean().backward()
+        opt.step()
+    with torch.no_grad():
+        close(fused(x), ref(x))
+
+
+def test_validation_after_training_epochs():
+    """train -> eval -> train -> eval: BN statistics updated by training are used."""
+    fused, ref = fused_pair()
+    x = torch.randn(1, 3, 64, 64)
+    for epoch in range(2):
+        for model in (fused, ref):
+            model.train()
+            torch.manual_seed(epoch)  # the same dropout masks
+            with torch.no_grad():
+                model(torch.randn(2, 3, 64, 64) + epoch)
+            model.eval()
+        close(run_plan(fused, x), ref(x).detach())
+
+
 # --- when torchvision's forward runs instead -------------------------------------
 
 
