@@ -128,3 +128,29 @@ def test_frozen_bn_backward(value, where):
     poisons border outputs through the padding, see assert_same_nonfinite, and the
     gradients behind them: test_eval covers that case.)"""
     run_both(value, where, batch_stats=False)
+
+
+@pytest.mark.parametrize("poison", ["finite", "+inf", "nan"])
+def test_grad_scaler_skips_the_step_like_the_reference(poison):
+    """AMP's overflow check: a non-finite input makes the GradScaler skip the optimizer
+    step and shrink its scale, exactly as with the reference; a finite one steps."""
+    scale = 2.0**10
+    results = []
+    for fused in (False, True):
+        ref = make_reference(*CHANNELS).to(DEVICE).train()
+        module = FusedInceptionModule.from_module(ref) if fused else ref
+        x = poisoned_input(poison, "interior") if poison != "finite" else None
+        if x is None:
+            x = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(1))
+        opt = torch.optim.SGD(module.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler(DEVICE.type, init_scale=scale)
+        before = [p.detach().clone() for p in module.parameters()]
+        scaler.scale(module(x.to(DEVICE)).square().mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+        stepped = any(
+            not torch.equal(p, q) for p, q in zip(module.parameters(), before)
+        )
+        results.append((stepped, scaler.get_scale()))
+    want_step = poison == "finite"
+    assert results[0] == results[1] == (want_step, scale if want_step else scale / 2)
