@@ -116,6 +116,13 @@ def stem_modules(model: GoogLeNet) -> tuple[nn.Module, ...]:
     return (*(m for b in stem for m in (b.conv, b.bn)), model.fc)
 
 
+def blocks_folded(
+    model: GoogLeNet, dtype: torch.dtype
+) -> tuple[FoldedInception, ...]:
+    """The nine blocks' cached folds, in network order."""
+    return tuple(getattr(model, name).folded(dtype) for name, _ in BLOCKS)
+
+
 @dataclass
 class NetworkPlan:
     """The C++ plan plus what it was built from (kept alive: the plan points into it)."""
@@ -140,12 +147,16 @@ class NetworkPlan:
 
 
 def build_plan(
-    model: GoogLeNet, dtype: torch.dtype, folds: tuple[FoldedInception, ...]
+    model: GoogLeNet,
+    dtype: torch.dtype,
+    folds: tuple[FoldedInception, ...] | None = None,
 ) -> NetworkPlan:
     """Fold, pack and hand every layer of ``model`` to the C++ backend, once.
 
-    ``folds``: the blocks' own cached folds (``FusedInceptionModule.folded``)."""
+    ``folds``: the blocks' folds (default: their cached ``FusedInceptionModule.folded``)."""
     ext = load_extension()
+    if folds is None:
+        folds = blocks_folded(model, dtype)
     empty = torch.empty(0, dtype=dtype)
     with torch.no_grad():
         transform = (
@@ -221,7 +232,7 @@ class FusedGoogLeNet(GoogLeNet):
         """The cached plan, rebuilt as a block's fold would be (fold_cache.FoldCache:
         replaced or written tensors, optimizer steps, train-mode forwards through
         ``num_batches_tracked``) or when a block refolded."""
-        folds = tuple(getattr(self, name).folded(dtype) for name, _ in BLOCKS)
+        folds = blocks_folded(self, dtype)
         cache = self.__dict__.get("_plan_cache")
         if cache is None or self._network_plan is None:
             cache = self.__dict__["_plan_cache"] = FoldCache()

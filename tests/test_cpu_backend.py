@@ -251,7 +251,7 @@ def eval_op_args(fused, x):
                 "k3",
                 "k5",
             ],
-            f.as_args(),
+            f.args,
             strict=True,
         )
     )
