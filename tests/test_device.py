@@ -6,8 +6,9 @@ import contextlib
 
 import pytest
 import torch
-import triton.runtime.jit
 from conftest import DEVICE, ON_GPU, assert_close, make_reference
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import KernelInterface
 
 from inception_fused import FusedInceptionModule, eval_launch, training
 from inception_fused.kernels import launch
@@ -31,15 +32,18 @@ def launches(monkeypatch):
 
     for mod in (eval_launch, training):
         monkeypatch.setattr(mod, "on_device", recording_on_device)
-    getitem = triton.runtime.jit.KernelInterface.__getitem__
+    def recording(getitem):
+        def recording_getitem(self, grid):
+            seen.append(entered[-1] if entered else None)
+            return getitem(self, grid)
 
-    def recording_getitem(self, grid):
-        seen.append(entered[-1] if entered else None)
-        return getitem(self, grid)
+        return recording_getitem
 
-    monkeypatch.setattr(
-        triton.runtime.jit.KernelInterface, "__getitem__", recording_getitem
-    )
+    # `kernel[grid]`: compiled kernels and, since Triton 3.4, interpreted ones go through
+    # KernelInterface; older interpreters define their own __getitem__.
+    for cls in (KernelInterface, InterpretedFunction):
+        if "__getitem__" in cls.__dict__:
+            monkeypatch.setattr(cls, "__getitem__", recording(cls.__getitem__))
     return seen
 
 
