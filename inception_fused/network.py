@@ -116,9 +116,7 @@ def stem_modules(model: GoogLeNet) -> tuple[nn.Module, ...]:
     return (*(m for b in stem for m in (b.conv, b.bn)), model.fc)
 
 
-def blocks_folded(
-    model: GoogLeNet, dtype: torch.dtype
-) -> tuple[FoldedInception, ...]:
+def blocks_folded(model: GoogLeNet, dtype: torch.dtype) -> tuple[FoldedInception, ...]:
     """The nine blocks' cached folds, in network order."""
     return tuple(getattr(model, name).folded(dtype) for name, _ in BLOCKS)
 

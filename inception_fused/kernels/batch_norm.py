@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .conv_tile import bn_relu, div_rn, finite_or_zero
-from .launch import acc_dtype, compiled_for_gpu
+from .launch import acc_dtype, ceil_div, compiled_for_gpu, pow2_clamp
 
 
 @triton.jit
@@ -102,7 +102,7 @@ def _block(n: int, on_gpu: bool, gpu_block: int, cpu_cap: int) -> int:
     # The interpreter pays per program, so it gets one block as wide as the problem.
     if on_gpu:
         return gpu_block
-    return max(16, min(cpu_cap, triton.next_power_of_2(max(1, n))))
+    return pow2_clamp(n, 16, cpu_cap)
 
 
 def finalize_stats(
@@ -127,7 +127,7 @@ def finalize_stats(
     block_c = _block(n_cols, on_gpu, 64, 1024)
     # 16 tiles per step in the interpreter too, so CPU tests merge several chunks.
     block_t = 64 if on_gpu else 16
-    finalize_stats_kernel[(triton.cdiv(n_cols, block_c),)](
+    finalize_stats_kernel[(ceil_div(n_cols, block_c),)](
         part_mean,
         part_m2,
         eps,
@@ -163,7 +163,7 @@ def bn_relu_pass(
     block_c = _block(c, on_gpu, 128, 1024)
     block_m = _block(m, on_gpu, 32, (1 << 18) // block_c)
     vectors = bn if bn is not None else (z,) * 4
-    grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
+    grid = (ceil_div(m, block_m), ceil_div(c, block_c))
     bn_relu_pass_kernel[grid](
         z,
         out,

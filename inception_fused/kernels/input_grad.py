@@ -17,9 +17,11 @@ from ..folding import FoldedInception
 from .conv_tile import conv_tile, nhwc_strides, tile_pixels
 from .launch import (
     acc_dtype,
+    ceil_div,
     compiled_for_gpu,
     input_precision,
     nchw_strides,
+    pow2_clamp,
     tile_config,
 )
 from .relu_bn_backward import pixel_offsets
@@ -200,8 +202,8 @@ def launch_input_grad(
         cfg = dataclasses.replace(cfg, block_m=min(cfg.block_m, 64))
     else:  # interpreter: fewer, wider programs (fp64's [256, 16, 256] product
         # is still within Triton's 2**20-element cap)
-        cfg = dataclasses.replace(cfg, block_n=min(256, triton.next_power_of_2(c_in)))
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(c_in, cfg.block_n))
+        cfg = dataclasses.replace(cfg, block_n=pow2_clamp(c_in, 1, 256))
+    grid = (ceil_div(m, cfg.block_m), ceil_div(c_in, cfg.block_n))
     input_grad_kernel[grid](
         g, g[:, pool_col:], g.stride(0), col3, cp, w.stem_w.t().contiguous(),
         w.pool_w.t().contiguous(), x, *nchw_strides(x), grad_x,

@@ -43,8 +43,15 @@ def nchw_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
-def _pow2(x: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
+# Host-side grid math in plain Python: triton.cdiv and triton.next_power_of_2 are
+# ConstexprFunctions (~3 us a call), and a train step makes dozens of such calls.
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pow2_clamp(x: int, lo: int, hi: int) -> int:
+    """The power of two >= x, clamped to [lo, hi]."""
+    return max(lo, min(hi, 1 << (max(1, x) - 1).bit_length()))
 
 
 def tile_config(
@@ -59,9 +66,12 @@ def tile_config(
     if not on_gpu:
         # Without tl.dot the [M, K, N] product is materialised: keep it under Triton's
         # 2**20-element cap by thinning K.
-        block_k = _pow2(k, 16, 128) if use_dot else 16
+        block_k = pow2_clamp(k, 16, 128) if use_dot else 16
         return TileConfig(
-            _pow2(m, 16, 256), _pow2(n_cols, 16, 128), block_k, use_dot=use_dot
+            pow2_clamp(m, 16, 256),
+            pow2_clamp(n_cols, 16, 128),
+            block_k,
+            use_dot=use_dot,
         )
     if not use_dot:  # fp64: broadcast multiply-and-sum keeps [M, K, N] in registers
         return TileConfig(32, 32, 8, num_stages=1, use_dot=False)

@@ -24,6 +24,7 @@ from .conv_tile import conv_tile, store_tile, tile_pixels
 from .launch import (
     TileConfig,
     acc_dtype,
+    ceil_div,
     compiled_for_gpu,
     input_precision,
     pool_tile_config,
@@ -229,7 +230,7 @@ def launch_pointwise(
         (False, cfg, c1 + c_red),
         (True, pool_tile_config(cfg, compiled_for_gpu(x)), c_pool),
     ):
-        grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(n_cols, tiles.block_n))
+        grid = (ceil_div(m, tiles.block_m), ceil_div(n_cols, tiles.block_n))
         inception_pointwise_kernel[grid](
             x,
             x.stride(0),

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ..folding import FoldedInception, accumulator_dtype, pack_weight
 from .conv_tile import conv_tile, nhwc_strides, tile_pixels
-from .launch import acc_dtype, compiled_for_gpu, input_precision, tile_config
+from .launch import acc_dtype, ceil_div, compiled_for_gpu, input_precision, tile_config
 from .relu_bn_backward import masked_grad, store_partials
 
 
@@ -139,13 +139,13 @@ def launch_reduce_grad(
     dtype, dev = g.dtype, g.device
     acc = accumulator_dtype(dtype)
     cfg = tile_config(dtype, m, max(r3, r - r3), max(c3, c5), compiled_for_gpu(g))
-    tiles_m = triton.cdiv(m, cfg.block_m)
+    tiles_m = ceil_div(m, cfg.block_m)
     partials = (
         torch.empty((tiles_m, r), dtype=acc, device=dev),
         torch.empty((tiles_m, r), dtype=acc, device=dev),
     )
     vectors = stats_red or (torch.empty(0, dtype=acc, device=dev),) * 4
-    grid = (tiles_m, triton.cdiv(r3, cfg.block_n) + triton.cdiv(r - r3, cfg.block_n))
+    grid = (tiles_m, ceil_div(r3, cfg.block_n) + ceil_div(r - r3, cfg.block_n))
     reduce_grad_kernel[grid](
         g[:, c1:], g[:, c1 + r :], g[:, c1 + r + c3 :], g.stride(0),
         _flipped_transposed(w.w3, k3),

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..folding import accumulator_dtype
 from .conv_tile import div_rn, tile_pixels
-from .launch import compiled_for_gpu
+from .launch import ceil_div, compiled_for_gpu, pow2_clamp
 
 
 @triton.jit
@@ -187,8 +187,8 @@ def _elementwise_blocks(m: int, c: int, on_gpu: bool) -> tuple[int, int]:
         return 64, 64
     # The interpreter pays per program: the biggest tiles the problem fills.
     return (
-        max(16, min(256, triton.next_power_of_2(m))),
-        max(16, min(128, triton.next_power_of_2(c))),
+        pow2_clamp(m, 16, 256),
+        pow2_clamp(c, 16, 128),
     )
 
 
@@ -216,7 +216,7 @@ def relu_bn_backward(
     acc = accumulator_dtype(z.dtype)
     dummy = torch.empty(0, dtype=acc, device=z.device)
     vectors = stats if has_bn else (dummy,) * 4
-    grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_n))
+    grid = (ceil_div(m, block_m), ceil_div(c, block_n))
     if partials is None:
         partials = (
             torch.empty((grid[0], c), dtype=acc, device=z.device),
@@ -231,8 +231,8 @@ def relu_bn_backward(
         torch.empty(c, dtype=acc, device=z.device),
     )
     tiles = partials[0].shape[0]
-    block_t = 64 if on_gpu else max(16, min(1024, triton.next_power_of_2(tiles)))
-    partials_finalize_kernel[(triton.cdiv(c, block_n),)](
+    block_t = 64 if on_gpu else pow2_clamp(tiles, 16, 1024)
+    partials_finalize_kernel[(ceil_div(c, block_n),)](
         *partials, *sums, tiles, c, BLOCK_T=block_t, BLOCK_N=block_n
     )
     relu_bn_apply_kernel[grid](

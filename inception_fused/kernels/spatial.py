@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .conv_tile import conv_tile, nhwc_strides, store_tile, tile_pixels
-from .launch import TileConfig, acc_dtype, input_precision
+from .launch import TileConfig, acc_dtype, ceil_div, input_precision
 
 
 @triton.jit
@@ -155,8 +155,8 @@ def launch_spatial(
     bn_vectors = red_bn if red_bn is not None else (b3,) * 4
     part_mean, part_m2 = partials if partials is not None else (b3, b3)
     grid = (
-        triton.cdiv(m, cfg.block_m),
-        triton.cdiv(c3, cfg.block_n) + triton.cdiv(c5, cfg.block_n),
+        ceil_div(m, cfg.block_m),
+        ceil_div(c3, cfg.block_n) + ceil_div(c5, cfg.block_n),
     )
     inception_spatial_kernel[grid](
         reduced,

@@ -20,11 +20,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from ..folding import BNParams, FoldedInception
 from .input_grad import launch_input_grad
-from .launch import nchw_strides
+from .launch import ceil_div, nchw_strides
 from .reduce_grad import launch_reduce_grad
 from .relu_bn_backward import relu_bn_backward
 from .train_forward import TrainForward
@@ -100,7 +99,7 @@ def train_backward_flat(
     dtype, dev = x.dtype, x.device
     # Row stride a multiple of 16 elements: the kernels then know every row's start is
     # aligned, and load G with 16-byte asynchronous copies.
-    g = torch.empty((m, triton.cdiv(gc, 16) * 16), dtype=dtype, device=dev)[:, :gc]
+    g = torch.empty((m, ceil_div(gc, 16) * 16), dtype=dtype, device=dev)[:, :gc]
     row = g.stride(0)
     g_strides = (h * wd * row, 1, wd * row, row)
     if bn is None:

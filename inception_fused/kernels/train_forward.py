@@ -19,11 +19,10 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from ..folding import BLOCK_ORDER, BNParams, FoldedInception, accumulator_dtype
 from .batch_norm import bn_relu_pass, finalize_stats
-from .launch import compiled_for_gpu, tile_config
+from .launch import ceil_div, compiled_for_gpu, tile_config
 from .pointwise import launch_pointwise
 from .spatial import launch_spatial
 
@@ -215,7 +214,7 @@ def train_forward(
     )
     partials = None
     if stats:
-        shape = (triton.cdiv(m, cfg_a.block_m), c_out + c_red)
+        shape = (ceil_div(m, cfg_a.block_m), c_out + c_red)
         partials = (
             torch.empty(shape, device=dev, dtype=acc),
             torch.empty(shape, device=dev, dtype=acc),
