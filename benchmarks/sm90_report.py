@@ -54,7 +54,13 @@ from inception_fused.kernels.aot import (
     module_launches,
     specialise,
 )
-from inception_fused.kernels.tiles import TABLE_PATH, TileKey, choice
+from inception_fused.kernels.tiles import (
+    TABLE_PATH,
+    TileKey,
+    choice,
+    save_table,
+    table_entries,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 STATIC_CSV = RESULTS / "sm90-static.csv"
@@ -243,24 +249,22 @@ def collect(
 
 
 def write_table(keys: list[TileKey]) -> None:
-    """The committed per-shape tile table (kernels/tile_table.json): every tensor-core
-    key's current choice, keeping an entry's source (a GPU-measured winner stays one)."""
-    old = {}
-    if TABLE_PATH.exists():
-        for entry in json.loads(TABLE_PATH.read_text())["entries"]:
-            old[json.dumps(entry["key"], sort_keys=True)] = entry
+    """The committed per-shape tile table: every tensor-core key's current choice,
+    keeping an entry's source (a winner measured on a GPU stays one)."""
+    sources = {
+        json.dumps(e["key"], sort_keys=True): e["source"] for e in table_entries()
+    }
     entries = []
     for key in keys:
         cfg = choice(key, True)
-        if not cfg.use_dot:
-            continue
-        ident = json.dumps(key.as_json(), sort_keys=True)
-        source = old.get(ident, {}).get(
-            "source", f"rule; sm_90a --check ok under Triton {triton.__version__}"
-        )
-        entries.append({"key": key.as_json(), "config": asdict(cfg), "source": source})
-    entries.sort(key=lambda e: json.dumps(e["key"], sort_keys=True))
-    TABLE_PATH.write_text(json.dumps({"entries": entries}, indent=1) + "\n")
+        if cfg.use_dot:
+            ident = json.dumps(key.as_json(), sort_keys=True)
+            default = f"rule; sm_90a --check ok under Triton {triton.__version__}"
+            source = sources.get(ident, default)
+            entries.append(
+                {"key": key.as_json(), "config": asdict(cfg), "source": source}
+            )
+    save_table(entries)
 
 
 def module_flops_bytes(
@@ -322,6 +326,13 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def other_tritons_rows() -> list[dict]:
+    if not STATIC_CSV.exists():
+        return []
+    with STATIC_CSV.open(newline="") as f:
+        return [r for r in csv.DictReader(f) if r["triton"] != triton.__version__]
 
 
 def table(rows: list[Row]) -> str:
@@ -406,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         candidates=not args.no_candidates,
     )
     if not args.no_write:
-        write_csv(STATIC_CSV, [r.csv_row() for r in rows])
+        # Rows of other Triton versions stay: the CSV holds one grid per Triton.
+        write_csv(STATIC_CSV, other_tritons_rows() + [r.csv_row() for r in rows])
         write_csv(ROOFLINE_CSV, roofline_rows(args.configs, args.batches))
     text = table(rows)
     if args.readme:

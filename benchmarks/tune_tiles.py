@@ -43,7 +43,7 @@ def merge(
             "config": dataclasses.asdict(best),
             "source": f"{source}: {times[best] * 1e3:.1f} us",
         }
-    return [merged[k] for k in sorted(merged)]
+    return list(merged.values())
 
 
 def run_module(name: str, batch: int, dtype: torch.dtype) -> None:
@@ -85,10 +85,7 @@ def main() -> None:
 
 
 def write_winners(source: str) -> None:
-    path = tiles.TABLE_PATH
-    entries = json.loads(path.read_text())["entries"] if path.exists() else []
-    entries = merge(entries, tiles.tuned(), source)
-    path.write_text(json.dumps({"entries": entries}, indent=1) + "\n")
+    tiles.save_table(merge(tiles.table_entries(), tiles.tuned(), source))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ def table_file(tmp_path, monkeypatch):
 
 def write_table(path, key, cfg):
     entry = {"key": key.as_json(), "config": dataclasses.asdict(cfg), "source": "test"}
-    path.write_text(json.dumps({"entries": [entry]}))
+    tiles.save_table([entry])
+    assert json.loads(path.read_text())["entries"] == [entry]
 
 
 def test_committed_table_loads_and_covers_the_network():

@@ -112,15 +112,26 @@ def check_partial_rows(
         )
 
 
+def table_entries() -> list[dict]:
+    """The table file's entries: {"key", "config", "source"} each."""
+    return json.loads(TABLE_PATH.read_text())["entries"] if TABLE_PATH.exists() else []
+
+
+def save_table(entries: list[dict]) -> None:
+    """One entry per line, sorted by key, so that a diff shows which shapes changed."""
+    entries = sorted(entries, key=lambda e: json.dumps(e["key"], sort_keys=True))
+    lines = ",\n".join(json.dumps(e, sort_keys=True) for e in entries)
+    TABLE_PATH.write_text('{"entries": [\n' + lines + "\n]}\n")
+    table.cache_clear()
+    choice.cache_clear()
+
+
 @functools.cache
 def table() -> dict[TileKey, TileConfig]:
     """The committed per-shape tiles (GPU only)."""
-    entries = (
-        json.loads(TABLE_PATH.read_text())["entries"] if TABLE_PATH.exists() else []
-    )
     names = {v: k for k, v in DTYPE_NAMES.items()}
     found = {}
-    for entry in entries:
+    for entry in table_entries():
         key = TileKey(**(entry["key"] | {"dtype": names[entry["key"]["dtype"]]}))
         cfg = TileConfig(**entry["config"])
         if key.mode == "train" and cfg.block_m != rule(key, True).block_m:
