@@ -75,7 +75,7 @@ def tile_config(
             use_dot=use_dot,
         )
     if not use_dot:  # fp64: broadcast multiply-and-sum keeps [M, K, N] in registers
-        # (16 rows: at 32, some fp64 kernels spill a few bytes for sm_90a)
+        # (16x32: at 32x32 or 16x16 some fp64 kernels spill 8 B for sm_90a)
         return TileConfig(16, 32, 8, num_stages=1, use_dot=False)
     block_m = 64 if m <= 8192 else 128
     if dtype == torch.float32:

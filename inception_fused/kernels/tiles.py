@@ -35,9 +35,9 @@ from .launch import TileConfig, ceil_div, pool_tile_config, pow2_clamp, tile_con
 
 TABLE_PATH = Path(__file__).with_name("tile_table.json")
 KERNELS = ("pointwise", "pool", "spatial", "reduce_grad", "input_grad")
-# Kernels offered 128-wide N tiles (16-bit types): at 128x128 the spatial kernel spills
-# (its branch selects and tap loop hold more addresses), and input_grad holds four tiles.
-WIDE_N_KERNELS = ("pointwise", "reduce_grad")
+# 128-wide N tiles (16-bit types) are offered to the eval stem tiles only: at 128x128 the
+# spatial kernel spills (its branch selects and tap loop hold more addresses), and so do
+# the train stem tiles and reduce_grad under Triton 3.6 (statistics / BN epilogues).
 DTYPE_NAMES = {
     torch.bfloat16: "bf16",
     torch.float16: "fp16",
@@ -66,9 +66,15 @@ def rule(key: TileKey, on_gpu: bool) -> TileConfig:
     cfg = tile_config(key.dtype, key.m, key.n, key.k, on_gpu)
     if key.kernel == "pool":
         return pool_tile_config(cfg, on_gpu)
+    if key.kernel == "spatial" and key.mode == "train" and on_gpu and cfg.use_dot:
+        # The BN+ReLU prologue holds the reduce layers' vectors too: at four warps the
+        # 128x64 tiles of 4b/4c spill 32 B under Triton 3.6.
+        return dataclasses.replace(cfg, num_warps=8)
     if key.kernel == "input_grad":
-        if on_gpu:  # four [BLOCK_M, BLOCK_N] tiles live at once
-            return dataclasses.replace(cfg, block_m=min(cfg.block_m, 64))
+        if on_gpu:  # four [BLOCK_M, BLOCK_N] tiles live at once (fp64: 16 columns,
+            # or Triton 3.6 spills 8 B)
+            block_n = cfg.block_n if cfg.use_dot else 16
+            return dataclasses.replace(cfg, block_m=min(cfg.block_m, 64), block_n=block_n)
         # interpreter: fewer, wider programs (fp64's [256, 16, 256] product is still
         # within Triton's 2**20-element cap)
         return dataclasses.replace(cfg, block_n=pow2_clamp(key.n, 1, 256))
@@ -77,7 +83,7 @@ def rule(key: TileKey, on_gpu: bool) -> TileConfig:
 
 def candidates(key: TileKey) -> list[TileConfig]:
     """The GPU configs the tuner tries for ``key``, the table's (or rule's) choice first:
-    one more pipeline stage, eight warps, a wider N tile (16-bit types, WIDE_N_KERNELS)
+    one more pipeline stage, eight warps, a wider N tile (16-bit eval stem tiles)
     and, where the rows per tile are free, half the rows. Each is in the report's --check."""
     first = choice(key, True)
     if not first.use_dot:  # fp64: one config
@@ -89,7 +95,8 @@ def candidates(key: TileKey) -> list[TileConfig]:
         dataclasses.replace(base, num_stages=base.num_stages + 1),
         dataclasses.replace(base, num_warps=8),
     ]
-    if key.dtype != torch.float32 and key.n >= 128 and key.kernel in WIDE_N_KERNELS:
+    wide_n = key.kernel == "pointwise" and key.mode == "eval"
+    if key.dtype != torch.float32 and key.n >= 128 and wide_n:
         found.append(dataclasses.replace(base, block_n=128, num_warps=8))
     if key.mode != "train" and base.block_m == 128:
         found.append(dataclasses.replace(base, block_m=64))
