@@ -13,6 +13,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["INCEPTION_FUSED_BACKEND"] = "triton"
+# On a GPU the tile tuner would time every candidate at each new test shape's first
+# launch (compiles included): the suite runs the table's tiles; test_tiles.py tunes.
+os.environ.setdefault("INCEPTION_FUSED_AUTOTUNE", "0")
 
 import pytest
 

@@ -99,6 +99,7 @@ def test_tuner_times_every_candidate_and_keeps_the_fastest(monkeypatch):
 
 
 def test_autotuning_switches(monkeypatch):
+    monkeypatch.delenv("INCEPTION_FUSED_AUTOTUNE")  # conftest turns it off
     assert tiles.autotuning()
     monkeypatch.setenv("INCEPTION_FUSED_AUTOTUNE", "0")
     assert not tiles.autotuning()
@@ -170,3 +171,45 @@ def test_tuned_winners_replace_their_entries_and_keep_the_rest():
     assert by_m[KEY.m]["config"] == dataclasses.asdict(fast)
     assert by_m[KEY.m]["source"] == "tuned on test: 10.0 us"
     assert by_m[1]["source"] == "rule"
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the tuner runs on CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_candidate_computes_the_same_on_the_gpu(monkeypatch, dtype):
+    """Tune one module's eval, train and backward launches, then force each key's every
+    candidate: outputs and grad_x match the table's tiles' (only the summation order
+    differs) and the eval output matches the reference."""
+    monkeypatch.setenv("INCEPTION_FUSED_AUTOTUNE", "1")
+    monkeypatch.setattr(tiles, "_tuned", {})
+    monkeypatch.setattr(tiles, "_timings", {})
+    torch.manual_seed(0)
+    ref = make_reference(192, 64, 96, 128, 16, 32, 32).to(DEVICE).to(dtype)
+    x = torch.randn(8, 192, 28, 28, device=DEVICE, dtype=dtype)
+    grad_out = torch.randn(8, 256, 28, 28, device=DEVICE, dtype=dtype)
+    fused = FusedInceptionModule.from_module(ref)
+    for bn in fused.modules():  # train steps leave the running statistics (eval's) as are
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.momentum = 0.0
+
+    def outputs():
+        with torch.no_grad():
+            ev = fused.eval()(x)
+        xg = x.detach().requires_grad_()
+        tr = fused.train()(xg)
+        tr.backward(grad_out)
+        return ev, tr.detach(), xg.grad
+
+    outputs()  # tunes every key
+    keys = list(tiles.tuned())
+    assert {k.kernel for k in keys} == set(tiles.KERNELS)
+    for key in keys:
+        monkeypatch.setitem(tiles._tuned, key, tiles.choice(key, True))
+    expected = outputs()
+    with torch.no_grad():
+        assert_close(expected[0], ref.eval()(x))
+    for key in keys:
+        for cfg in tiles.candidates(key):
+            monkeypatch.setitem(tiles._tuned, key, cfg)
+            for got, want in zip(outputs(), expected, strict=True):
+                assert_close(got, want)
+        monkeypatch.setitem(tiles._tuned, key, tiles.choice(key, True))
