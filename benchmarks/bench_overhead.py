@@ -41,7 +41,8 @@ Tensors (column ``tensors``):
   Comparable to a CUDA run with launches stubbed: Python, autograd, dispatcher, shape
   checks. Not included: the caching allocator (a few hundred ns per allocation) and the
   CUDA launch of each aten op that enqueues a kernel (a few us each on a GPU host; counted
-  in ``aten_launches``). The eager reference on meta is timed the same way.
+  in ``aten_launches``). No reference rows on meta: conv and batch_norm have no C++ meta
+  kernels, their Python ones would make it look ~5x slower than it is.
 
 Op counts (train rows; one untimed, separate pass under a TorchDispatchMode, which the
 fused path's eager shortcut is told to ignore): ``aten_ops`` aten operators per call,
@@ -175,7 +176,7 @@ def launches_stubbed() -> Iterator[None]:
 
 
 # Their C++ "meta" kernel is a composite that does not run on meta tensors.
-NO_CPP_META = frozenset({"convolution_backward"})
+NO_CPP_META = frozenset({"convolution", "convolution_backward"})
 _KEPT: list[torch.library.Library] = []
 
 
@@ -332,10 +333,14 @@ class Paths:
             for path, (fwd, bwd) in timed.items()
         }
 
-    def op_counts(self, meta: bool) -> dict[tuple[str, str], dict[str, int]]:
+    def op_counts(
+        self, meta: bool, providers: tuple[str, ...] = ("fused", "reference")
+    ) -> dict[tuple[str, str], dict[str, int]]:
         """Per train path and provider: one untimed call under an OpCounter."""
         counts = {}
-        for provider, module in (("fused", self.train), ("reference", self.ref_train)):
+        modules = {"fused": self.train, "reference": self.ref_train}
+        for provider in providers:
+            module = modules[provider]
             module.zero_grad(set_to_none=True)
             x = self.x.detach().requires_grad_()
             launches = LaunchCounter.count
@@ -537,9 +542,8 @@ def meta_rows(
         for name in configs:
             block = Paths(name, meta, batch, None)
             paths = block.train_calls(block.train, "fused")
-            paths |= block.train_calls(block.ref_train, "reference")
             times = measure(paths, rounds, seconds, block.sync)
-            counts = block.op_counts(meta=True)
+            counts = block.op_counts(meta=True, providers=("fused",))
             results.add(name, "native", "meta", times, counts)
 
 
