@@ -241,11 +241,11 @@ class BNParams:
         vectors = torch.cat(parts)
         if vectors.dtype != acc:
             vectors = vectors.to(acc)
-        gamma_out, gamma_red, beta_out, beta_red = vectors.split(split)
+        gamma_out, gamma_red, beta_out, beta_red = vectors.split_with_sizes(split)
         eps_all = constant_vector(
             tuple(eps[i] for i in OUT_THEN_RED), sizes, acc, device
         )
-        eps_out, eps_red = eps_all.split(split[:2])
+        eps_out, eps_red = eps_all.split_with_sizes(split[:2])
         return cls(
             gamma_out=gamma_out,
             beta_out=beta_out,

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from ..folding import BNParams, FoldedInception
 from .input_grad import launch_input_grad
@@ -128,7 +127,7 @@ def train_backward_flat(
 
     # Weight grads: views of G against x, the pooled x and the recomputed reduce activations.
     rows = x.permute(0, 2, 3, 1).reshape(m, c_in)
-    pooled = F.max_pool2d(x, 3, 1, 1).permute(0, 2, 3, 1).reshape(m, c_in)
+    pooled = torch.max_pool2d(x, 3, 1, 1).permute(0, 2, 3, 1).reshape(m, c_in)
     z_red = saved.z_red
     if bn is None:
         a_red = z_red.clamp_min(0)  # relu: NaN stays NaN
@@ -137,9 +136,9 @@ def train_backward_flat(
         a_red = torch.addcmul(bn.beta_red, z_red - saved.mean_red, scale).clamp_min_(0)
         if a_red.dtype != dtype:
             a_red = a_red.to(dtype)
-    nchw = (0, 3, 1, 2)
-    a_red = a_red.view(n, h, wd, r).permute(nchw)
-    g4 = g.unflatten(0, (n, h, wd)).permute(nchw)
+    # NCHW-indexed views of the [M, C] matrices.
+    a_red = a_red.as_strided((n, r, h, wd), (h * wd * r, 1, wd * r, r))
+    g4 = g.as_strided((n, gc, h, wd), g_strides)
     return FlatGrads(
         grad_x=grad_x,
         stem_w=g[:, :col3].t() @ rows,
@@ -161,11 +160,11 @@ def split_grads(flat: FlatGrads, c1: int, r3: int, has_bn: bool) -> InceptionGra
     out_sizes = [c1, c3, c5, flat.pool_w.shape[0]]
 
     def per_layer(out: torch.Tensor, red: torch.Tensor) -> list[torch.Tensor]:
-        b1, conv3, conv5, pool = out.split(out_sizes)
-        red3, red5 = red.split([r3, r5])
+        b1, conv3, conv5, pool = out.split_with_sizes(out_sizes)
+        red3, red5 = red.split_with_sizes([r3, r5])
         return [b1, red3, red5, conv3, conv5, pool]
 
-    b1, red3, red5 = flat.stem_w.view(c_stem, c_in, 1, 1).split([c1, r3, r5])
+    b1, red3, red5 = flat.stem_w.view(c_stem, c_in, 1, 1).split_with_sizes([c1, r3, r5])
     pool = flat.pool_w.view(-1, c_in, 1, 1)
     conv_weight = [b1, red3, red5, flat.w3, flat.w5, pool]
     # The column sums are dbeta (or, without BN, the conv bias grad) and dgamma.

@@ -54,7 +54,7 @@ class TrainForward:
         if stats is None:
             return cls(out, z_out, z_red, None, None, None, None)
         c_out, c_red = z_out.shape[1], z_red.shape[1]
-        mean_out, mean_red, invstd_out, invstd_red = stats.split(
+        mean_out, mean_red, invstd_out, invstd_red = stats.split_with_sizes(
             [c_out, c_red, c_out, c_red]
         )
         return cls(out, z_out, z_red, mean_out, invstd_out, mean_red, invstd_red, stats)
@@ -136,8 +136,8 @@ def _update_running_stats(
         return
     running_means = [bn.running_mean[i] for i in layers]
     running_vars = [bn.running_var[i] for i in layers]
-    batch_means = _for_layers(mean.split(sizes), layers, running_means)
-    batch_vars = _for_layers(var_unbiased.split(sizes), layers, running_vars)
+    batch_means = _for_layers(mean.split_with_sizes(sizes), layers, running_means)
+    batch_vars = _for_layers(var_unbiased.split_with_sizes(sizes), layers, running_vars)
     tracked = [bn.num_batches_tracked[i] for i in layers]
     counters = [t for t in tracked if t is not None]
     if counters:
@@ -191,7 +191,7 @@ def train_forward(
     stats = None if bn is None else torch.empty(2 * c_all, device=dev, dtype=acc)
     result = TrainForward.viewing(out, z_out, z_red, stats)
     if stats is not None:
-        mean, invstd = stats.split(c_all)
+        mean, invstd = stats.split_with_sizes([c_all, c_all])
         if not batch_stats:
             _running_stat_vectors(bn, mean, invstd)
     if m == 0:
