@@ -336,11 +336,13 @@ class Paths:
     def op_counts(
         self, meta: bool, providers: tuple[str, ...] = ("fused", "reference")
     ) -> dict[tuple[str, str], dict[str, int]]:
-        """Per train path and provider: one untimed call under an OpCounter."""
+        """Per train path and provider: one untimed call (after a warm-up one) under an
+        OpCounter."""
         counts = {}
         modules = {"fused": self.train, "reference": self.ref_train}
         for provider in providers:
             module = modules[provider]
+            _timed_train(module, self.x, self.grad, True, True)  # warm caches
             module.zero_grad(set_to_none=True)
             x = self.x.detach().requires_grad_()
             launches = LaunchCounter.count
