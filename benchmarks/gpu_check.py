@@ -6,7 +6,9 @@
 1. the test suite on CUDA (every kernel compiled and run for real);
 2. the sm_90a report with --check and --live: each compile's registers and spills as the
    driver reports them must equal what the cubin says, and every row must pass;
-3. the benchmark grid (benchmarks/run_all.py: results, plots, README table) under a hard
+3. the tile tuner (benchmarks/tune_tiles.py) over every module, bf16, batches 1/32/256,
+   under an 8-minute budget: winners go into inception_fused/kernels/tile_table.json;
+4. the benchmark grid (benchmarks/run_all.py: results, plots, README table) under a hard
    25-minute budget, with its own progress lines.
 
 Every step runs; the exit status is non-zero if any failed, and the summary names them.
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+TUNE_BUDGET_S = 8 * 60
 BENCH_BUDGET_S = 25 * 60
 
 
@@ -33,6 +36,12 @@ def steps(python: str) -> list[tuple[str, list[str], float | None]]:
             [python, f"{bench}/sm90_report.py", "--check", "--live", "--readme",
              "README.md"],
             None,
+        ),
+        (
+            "tile tuning",
+            [python, f"{bench}/tune_tiles.py", "--batches", "1,32,256", "--dtypes",
+             "bf16"],
+            TUNE_BUDGET_S,
         ),
         ("benchmark grid", [python, f"{bench}/run_all.py"], BENCH_BUDGET_S),
     ]  # fmt: skip

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import re
 import subprocess
@@ -53,6 +54,13 @@ from inception_fused.kernels.aot import (
     module_launches,
     specialise,
 )
+from inception_fused.kernels.tiles import (
+    TABLE_PATH,
+    TileKey,
+    choice,
+    save_table,
+    table_entries,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 STATIC_CSV = RESULTS / "sm90-static.csv"
@@ -64,7 +72,7 @@ DTYPES = {
     "fp32": torch.float32,
     "fp64": torch.float64,
 }
-BATCHES = (1, 32, 256)
+BATCHES = (1, 8, 32, 128, 256)  # the benchmark grid's
 FP64_BATCHES = (1,)
 BRANCH3_KERNEL = 5  # the paper's; 3 (torchvision) compiles to the same binaries
 
@@ -101,6 +109,7 @@ class Row:
     async_loads: int  # LDGSTS + TMA instructions in the SASS
     ctas_per_sm: int
     uses_dot: bool
+    role: str = "choice"  # "choice": launched as picked; "candidate": tuner-only config
     used_by: list[str] = field(default_factory=list)
     triton: str = triton.__version__
     live_registers: int | None = None  # --live: as the CUDA driver reports them
@@ -203,32 +212,59 @@ def analyse(launch: Launch, mode: str, dtype: str, live: bool = False) -> Row:
     )
 
 
-def collect(configs, batches, dtypes, modes, live=False, log=print) -> list[Row]:
+def collect(
+    configs, batches, dtypes, modes, live=False, candidates=True, log=print
+) -> tuple[list[Row], list[TileKey]]:
+    """The distinct compiles of every launch (and, with ``candidates``, of every tile
+    config the GPU tuner may try), and the tile keys seen."""
     rows: dict[str, Row] = {}
+    keys: list[TileKey] = []
     for dname in dtypes:
         dtype = DTYPES[dname]
         for name in configs:
             cfg = GOOGLENET_CONFIGS[name]
             for batch in FP64_BATCHES if dname == "fp64" else batches:
-                found = module_launches(
-                    cfg.channels, batch, cfg.spatial, dtype, BRANCH3_KERNEL, modes
-                )
-                for mode, launches in found.items():
-                    for launch in launches:
-                        key = launch_key(launch)
-                        if key not in rows:
-                            start = time.perf_counter()
-                            rows[key] = analyse(launch, mode, dname, live)
-                            log(
-                                f"[{len(rows)}] {launch.name} {dname} {mode} "
-                                f"{name}/{batch}: {rows[key].registers} regs, "
-                                f"{time.perf_counter() - start:.1f} s",
-                                flush=True,
-                            )
-                        point = f"{name}/{batch}"
-                        if point not in rows[key].used_by:
-                            rows[key].used_by.append(point)
-    return list(rows.values())
+                shape = (cfg.channels, batch, cfg.spatial, dtype, BRANCH3_KERNEL, modes)
+                recorded = [("choice", module_launches(*shape))]
+                if candidates:
+                    recorded.append(("candidate", module_launches(*shape, keys=keys)))
+                for role, found in recorded:
+                    for mode, launches in found.items():
+                        for launch in launches:
+                            key = launch_key(launch)
+                            if key not in rows:
+                                start = time.perf_counter()
+                                rows[key] = analyse(launch, mode, dname, live)
+                                rows[key].role = role
+                                log(
+                                    f"[{len(rows)}] {launch.name} {dname} {mode} {role} "
+                                    f"{name}/{batch}: {rows[key].registers} regs, "
+                                    f"{time.perf_counter() - start:.1f} s",
+                                    flush=True,
+                                )
+                            point = f"{name}/{batch}"
+                            if point not in rows[key].used_by:
+                                rows[key].used_by.append(point)
+    return list(rows.values()), list(dict.fromkeys(keys))
+
+
+def write_table(keys: list[TileKey]) -> None:
+    """The committed per-shape tile table: every tensor-core key's current choice,
+    keeping an entry's source (a winner measured on a GPU stays one)."""
+    sources = {
+        json.dumps(e["key"], sort_keys=True): e["source"] for e in table_entries()
+    }
+    entries = []
+    for key in keys:
+        cfg = choice(key, True)
+        if cfg.use_dot:
+            ident = json.dumps(key.as_json(), sort_keys=True)
+            default = f"rule; sm_90a --check ok under Triton {triton.__version__}"
+            source = sources.get(ident, default)
+            entries.append(
+                {"key": key.as_json(), "config": asdict(cfg), "source": source}
+            )
+    save_table(entries)
 
 
 def module_flops_bytes(
@@ -292,6 +328,13 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def other_tritons_rows() -> list[dict]:
+    if not STATIC_CSV.exists():
+        return []
+    with STATIC_CSV.open(newline="") as f:
+        return [r for r in csv.DictReader(f) if r["triton"] != triton.__version__]
+
+
 def table(rows: list[Row]) -> str:
     """Markdown: one line per kernel x mode x dtype, worst case over its compiles."""
     groups: dict[tuple, list[Row]] = {}
@@ -304,7 +347,8 @@ def table(rows: list[Row]) -> str:
         ),
         "",
         (
-            "| kernel | mode | dtype | compiles | max regs | stack B | max shared KiB "
+            "| kernel | mode | dtype | compiles (tuner-only) | max regs | stack B "
+            "| max shared KiB "
             "| MMA | async loads | min CTAs/SM | check |"
         ),
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -314,7 +358,8 @@ def table(rows: list[Row]) -> str:
         mmas = "/".join(sorted({r.mma for r in rs}))
         pipelined = sum(1 for r in rs if r.async_loads)
         lines.append(
-            f"| {kernel} | {mode} | {dtype} | {len(rs)} | {max(r.registers for r in rs)} "
+            f"| {kernel} | {mode} | {dtype} | {len(rs)} "
+            f"({sum(r.role == 'candidate' for r in rs)}) | {max(r.registers for r in rs)} "
             f"| {max(r.stack_bytes + r.spill_bytes for r in rs)} "
             f"| {max(r.shared_bytes for r in rs) / 1024:.0f} | {mmas} "
             f"| {pipelined}/{len(rs)} | {min(r.ctas_per_sm for r in rs)} "
@@ -349,15 +394,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-write", action="store_true", help="do not write the result CSVs"
     )
+    parser.add_argument(
+        "--no-candidates",
+        action="store_true",
+        help="only the launches as picked, not every config the GPU tuner may try",
+    )
+    parser.add_argument(
+        "--write-table",
+        action="store_true",
+        help="rewrite kernels/tile_table.json with every key's choice (when all pass)",
+    )
     args = parser.parse_args(argv)
 
     if args.live and not torch.cuda.is_available():
         parser.error("--live needs a CUDA device")
-    rows = collect(
-        args.configs, args.batches, args.dtypes, tuple(args.modes), args.live
+    rows, keys = collect(
+        args.configs,
+        args.batches,
+        args.dtypes,
+        tuple(args.modes),
+        args.live,
+        candidates=not args.no_candidates,
     )
     if not args.no_write:
-        write_csv(STATIC_CSV, [r.csv_row() for r in rows])
+        # Rows of other Triton versions stay: the CSV holds one grid per Triton.
+        write_csv(STATIC_CSV, other_tritons_rows() + [r.csv_row() for r in rows])
         write_csv(ROOFLINE_CSV, roofline_rows(args.configs, args.batches))
     text = table(rows)
     if args.readme:
@@ -367,11 +428,17 @@ def main(argv: list[str] | None = None) -> int:
     failing = [r for r in rows if r.problems()]
     for r in failing:
         print(
-            f"FAIL {r.kernel} {r.mode} {r.dtype} [{r.variant}] "
+            f"FAIL {r.kernel} {r.mode} {r.dtype} {r.role} [{r.variant}] "
             f"({' '.join(r.used_by[:4])}{' ...' if len(r.used_by) > 4 else ''}): "
             f"{'; '.join(r.problems())}"
         )
     print(f"{len(rows)} compiles, {len(failing)} failing")
+    if args.write_table:
+        if failing:
+            print(f"not writing {TABLE_PATH.name}: failing compiles")
+            return 1
+        write_table(keys)
+        print(f"-> {TABLE_PATH} ({len(keys)} keys)")
     return 1 if args.check and failing else 0
 
 

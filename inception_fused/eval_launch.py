@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from .folding import FoldedInception
-from .kernels.launch import TileConfig, compiled_for_gpu, on_device, tile_config
+from .kernels.launch import on_device
 from .kernels.pointwise import launch_pointwise
 from .kernels.spatial import launch_spatial
 
@@ -19,29 +19,23 @@ class LaunchPlan(NamedTuple):
     out_shape: tuple[int, int, int, int]
     m: int  # pixels, N*H*W
     c_red: int
-    cfg_pointwise: TileConfig
-    cfg_spatial: TileConfig
 
 
 @functools.lru_cache(maxsize=256)
 def launch_plan(
     x_shape: tuple[int, int, int, int],
-    dtype: torch.dtype,
-    on_gpu: bool,
     widths: tuple[int, int, int, int, int, int],
 ) -> LaunchPlan:
     """The plan for an input of ``x_shape`` and a fold of ``widths``
     (:attr:`FoldedInception.widths`)."""
-    n, c_in, h, w = x_shape
-    c_stem, c1, r3, c3, c5, c_pool = widths
+    n, _, h, w = x_shape
+    c_stem, c1, _, c3, c5, c_pool = widths
     m = n * h * w
     c_red = c_stem - c1
     return LaunchPlan(
         out_shape=(n, c1 + c3 + c5 + c_pool, h, w),
         m=m,
         c_red=c_red,
-        cfg_pointwise=tile_config(dtype, m, max(c_stem, c_pool), c_in, on_gpu),
-        cfg_spatial=tile_config(dtype, m, max(c3, c5), max(r3, c_red - r3), on_gpu),
     )
 
 
@@ -50,7 +44,7 @@ def inception_eval_forward(x: torch.Tensor, f: FoldedInception) -> torch.Tensor:
 
     x may have any strides (NCHW-contiguous and channels_last both read without a copy).
     """
-    plan = launch_plan(x.shape, x.dtype, compiled_for_gpu(x), f.widths)
+    plan = launch_plan(x.shape, f.widths)
     out = torch.empty(
         plan.out_shape,
         device=x.device,
@@ -70,7 +64,6 @@ def inception_eval_forward(x: torch.Tensor, f: FoldedInception) -> torch.Tensor:
             out,
             scratch,
             f.c1,
-            plan.cfg_pointwise,
         )
         launch_spatial(
             scratch,
@@ -83,6 +76,5 @@ def inception_eval_forward(x: torch.Tensor, f: FoldedInception) -> torch.Tensor:
             f.k3,
             f.k5,
             f.c1,
-            plan.cfg_spatial,
         )
     return out

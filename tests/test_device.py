@@ -32,6 +32,7 @@ def launches(monkeypatch):
 
     for mod in (eval_launch, training):
         monkeypatch.setattr(mod, "on_device", recording_on_device)
+
     def recording(getitem):
         def recording_getitem(self, grid):
             seen.append(entered[-1] if entered else None)
@@ -97,7 +98,9 @@ def test_second_gpu_while_first_is_current(train):
 # ------------------------------------------------------------------ fp32 dot precision
 
 # torch's fp32_precision flags (torch >= 2.9); older torch has only allow_tf32.
-NEW_PRECISION_API = hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision")
+NEW_PRECISION_API = hasattr(
+    getattr(torch.backends.cudnn, "conv", None), "fp32_precision"
+)
 PRECISION_FLAGS = (
     (
         (torch.backends, "fp32_precision"),

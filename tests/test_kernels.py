@@ -7,7 +7,6 @@ from conftest import DEVICE, assert_close, make_reference
 
 from inception_fused import FusedInceptionModule
 from inception_fused.kernels.conv_tile import nhwc_strides
-from inception_fused.kernels.launch import tile_config
 from inception_fused.kernels.pointwise import launch_pointwise
 from inception_fused.kernels.spatial import launch_spatial
 
@@ -35,7 +34,6 @@ def test_pointwise_writes_only_branch1_pool_and_scratch():
         out,
         scratch,
         f.c1,
-        tile_config(torch.float32, 60, 16, 20, DEVICE.type == "cuda"),
     )
     with torch.no_grad():
         assert_close(out[:, :6], ref.branch1(x))
@@ -61,7 +59,6 @@ def test_spatial_writes_only_branches_2_and_3():
         f.k3,
         f.k5,
         f.c1,
-        tile_config(torch.float32, 60, 10, 5, DEVICE.type == "cuda"),
     )
     with torch.no_grad():
         assert_close(out[:, 6:16], ref.branch2[1](reduced[:, :5]))

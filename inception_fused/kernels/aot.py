@@ -12,6 +12,7 @@ interpreter: run it in a process without TRITON_INTERPRET=1.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
+
+from .tiles import launching_every_candidate
 
 SM90 = GPUTarget("cuda", 90, 32)
 
@@ -82,9 +85,12 @@ def module_launches(
     dtype: torch.dtype,
     branch3_kernel: int = 3,
     modes: tuple[str, ...] = MODES,
+    keys: list | None = None,
 ) -> dict[str, list[Launch]]:
     """The launches of one Inception module's eval forward, train forward (batch
-    statistics) and backward at this shape, by mode, recorded on meta tensors."""
+    statistics) and backward at this shape, by mode, recorded on meta tensors. Given a
+    list ``keys``, each conv launch is also recorded with every tile config the GPU tuner
+    may try, and its tiles.TileKey appended to ``keys``."""
     from ..eval_launch import inception_eval_forward
     from ..folding import BNParams, fold_inception, pack_raw_inception
     from ..reference import InceptionModule
@@ -96,19 +102,25 @@ def module_launches(
     x = torch.empty(batch, channels[0], side, side, device="meta", dtype=dtype)
     x = x.contiguous(memory_format=torch.channels_last)
     found: dict[str, list[Launch]] = {}
-    if "eval" in modes:
-        with captured_launches() as found["eval"]:
-            inception_eval_forward(x, fold_inception(module, dtype))
-    if "train" in modes or "backward" in modes:
-        w = pack_raw_inception(module, dtype)
-        bn = BNParams.from_module(module, dtype)
-        with captured_launches() as train:
-            saved = train_forward(x, w, bn, True)
-        if "train" in modes:
-            found["train"] = train
-        if "backward" in modes:
-            with captured_launches() as found["backward"]:
-                train_backward(torch.empty_like(saved.out), x, w, bn, True, saved)
+    every = (
+        launching_every_candidate() if keys is not None else contextlib.nullcontext()
+    )
+    with every as seen:
+        if "eval" in modes:
+            with captured_launches() as found["eval"]:
+                inception_eval_forward(x, fold_inception(module, dtype))
+        if "train" in modes or "backward" in modes:
+            w = pack_raw_inception(module, dtype)
+            bn = BNParams.from_module(module, dtype)
+            with captured_launches() as train:
+                saved = train_forward(x, w, bn, True)
+            if "train" in modes:
+                found["train"] = train
+            if "backward" in modes:
+                with captured_launches() as found["backward"]:
+                    train_backward(torch.empty_like(saved.out), x, w, bn, True, saved)
+    if keys is not None:
+        keys.extend(seen)
     return found
 
 

@@ -7,24 +7,21 @@ is, so nothing is scattered (no atomics).
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
 
 from ..folding import FoldedInception
-from .conv_tile import conv_tile, nhwc_strides, tile_pixels
+from .conv_tile import nhwc_strides, stored_conv_tile, tile_pixels
 from .launch import (
+    TileConfig,
     acc_dtype,
     ceil_div,
-    compiled_for_gpu,
     input_precision,
     nchw_strides,
-    pow2_clamp,
-    tile_config,
 )
 from .relu_bn_backward import pixel_offsets
+from .tiles import TileKey, pick
 
 
 @triton.jit
@@ -103,38 +100,11 @@ def input_grad_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C_in
     s_n, s_c, s_h, s_w = nhwc_strides(H, W, GC)
-    acc = conv_tile(
-        g_ptr,
-        s_n,
-        s_c,
-        s_h,
-        s_w,
-        n,
-        oh,
-        ow,
-        row_ok,
-        H,
-        W,
-        K_STEM,
-        stem_wt_ptr,
-        cols,
-        col_ok,
-        C_in,
-        1,
-        stem_wt_ptr,
-        stem_wt_ptr,
-        stem_wt_ptr,
-        stem_wt_ptr,  # no input activation: read as stored
-        False,
-        False,
-        False,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
-        USE_DOT,
-        INPUT_PRECISION,
+    acc = stored_conv_tile(
+        g_ptr, s_n, s_c, s_h, s_w, n, oh, ow, row_ok, H, W, K_STEM, stem_wt_ptr, cols,
+        col_ok, C_in, 1, False, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, INPUT_PRECISION,
         ACC_DTYPE,
-    )
+    )  # fmt: skip
     # Pixel p sits at tap t of the window centred on q = p - (t // 3 - 1, t % 3 - 1); it
     # receives q's pooled gradient in the channels where q's window picked tap t.
     for t in range(9):  # not unrolled: one loop body keeps compile time down
@@ -145,38 +115,11 @@ def input_grad_kernel(
             x_ptr, sx_n, sx_c, sx_h, sx_w, n, qh, qw, q_ok, cols, col_ok, H, W,
             BLOCK_M, BLOCK_N,
         )  # fmt: skip
-        dpooled = conv_tile(
-            dz_pool_ptr,
-            s_n,
-            s_c,
-            s_h,
-            s_w,
-            n,
-            qh,
-            qw,
-            q_ok,
-            H,
-            W,
-            C_POOL,
-            pool_wt_ptr,
-            cols,
-            col_ok,
-            C_in,
-            1,
-            pool_wt_ptr,
-            pool_wt_ptr,
-            pool_wt_ptr,
-            pool_wt_ptr,  # no input activation: read as stored
-            False,
-            False,
-            False,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            USE_DOT,
-            INPUT_PRECISION,
-            ACC_DTYPE,
-        )
+        dpooled = stored_conv_tile(
+            dz_pool_ptr, s_n, s_c, s_h, s_w, n, qh, qw, q_ok, H, W, C_POOL, pool_wt_ptr,
+            cols, col_ok, C_in, 1, False, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT,
+            INPUT_PRECISION, ACC_DTYPE,
+        )  # fmt: skip
         acc += tl.where(best == t, dpooled, 0.0)
     tl.store(
         gx_ptr + pixel_offsets(n, oh, ow, cols, sg_n, sg_c, sg_h, sg_w),
@@ -197,19 +140,20 @@ def launch_input_grad(
     cp = w.pool_w.shape[1]
     pool_col = g.shape[1] - cp
     grad_x = torch.empty_like(x)
-    cfg = tile_config(x.dtype, m, c_in, max(col3, cp), compiled_for_gpu(x))
-    if compiled_for_gpu(x):  # four [BLOCK_M, BLOCK_N] tiles live at once
-        cfg = dataclasses.replace(cfg, block_m=min(cfg.block_m, 64))
-    else:  # interpreter: fewer, wider programs (fp64's [256, 16, 256] product
-        # is still within Triton's 2**20-element cap)
-        cfg = dataclasses.replace(cfg, block_n=pow2_clamp(c_in, 1, 256))
-    grid = (ceil_div(m, cfg.block_m), ceil_div(c_in, cfg.block_n))
-    input_grad_kernel[grid](
-        g, g[:, pool_col:], g.stride(0), col3, cp, w.stem_w.t().contiguous(),
-        w.pool_w.t().contiguous(), x, *nchw_strides(x), grad_x,
-        *nchw_strides(grad_x), m, h, wd, c_in, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
-        INPUT_PRECISION=input_precision(x.dtype), ACC_DTYPE=acc_dtype(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    stem_wt, pool_wt = w.stem_w.t().contiguous(), w.pool_w.t().contiguous()
+
+    def run(cfg: TileConfig) -> None:
+        grid = (ceil_div(m, cfg.block_m), ceil_div(c_in, cfg.block_n))
+        input_grad_kernel[grid](
+            g, g[:, pool_col:], g.stride(0), col3, cp, stem_wt, pool_wt, x,
+            *nchw_strides(x), grad_x, *nchw_strides(grad_x), m, h, wd, c_in,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            USE_DOT=cfg.use_dot, INPUT_PRECISION=input_precision(x.dtype),
+            ACC_DTYPE=acc_dtype(x.dtype), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )  # fmt: skip
+
+    run(
+        pick(TileKey("input_grad", "backward", x.dtype, m, c_in, max(col3, cp)), x, run)
+    )
     return grad_x

@@ -57,7 +57,8 @@ def pow2_clamp(x: int, lo: int, hi: int) -> int:
 def tile_config(
     dtype: torch.dtype, m: int, n_cols: int, k: int, on_gpu: bool
 ) -> TileConfig:
-    """Tile sizes for an [m, k] @ [k, n_cols] conv GEMM.
+    """The rule's tile sizes for an [m, k] @ [k, n_cols] conv GEMM (kernels/tiles.py
+    picks per shape, from a table where it has one).
 
     The interpreter pays ~ms per program and loop step, so it gets the biggest tiles the
     problem can fill. On the GPU tl.dot needs every tile dimension >= 16.
@@ -76,8 +77,11 @@ def tile_config(
     if not use_dot:  # fp64: broadcast multiply-and-sum keeps [M, K, N] in registers
         return TileConfig(32, 32, 8, num_stages=1, use_dot=False)
     block_m = 64 if m <= 8192 else 128
-    block_k = 32 if dtype == torch.float32 else 64
-    return TileConfig(block_m, 64, block_k)
+    if dtype == torch.float32:
+        # A TF32 tile holds twice the bytes per K step: half the K step, and eight warps
+        # (two warpgroups) so the accumulator and address registers fit without spills.
+        return TileConfig(block_m, 64, 32, num_warps=8)
+    return TileConfig(block_m, 64, 64)
 
 
 def pool_tile_config(cfg: TileConfig, on_gpu: bool) -> TileConfig:

@@ -16,19 +16,15 @@ with STATS the per-tile channel statistics BatchNorm needs (see conv_tile.store_
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .conv_tile import conv_tile, store_tile, tile_pixels
-from .launch import (
-    TileConfig,
-    acc_dtype,
-    ceil_div,
-    compiled_for_gpu,
-    input_precision,
-    pool_tile_config,
-)
+from .conv_tile import store_tile, stored_conv_tile, tile_pixels
+from .launch import TileConfig, acc_dtype, ceil_div, input_precision
+from .tiles import TileKey, check_partial_rows, pick
 
 
 @triton.jit
@@ -73,38 +69,11 @@ def inception_pointwise_kernel(
         n_cols = C1 + C_RED
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < n_cols
-        acc = conv_tile(
-            x_ptr,
-            stride_xn,
-            stride_xc,
-            stride_xh,
-            stride_xw,
-            n,
-            oh,
-            ow,
-            row_ok,
-            H,
-            W,
-            C_in,
-            stem_w_ptr,
-            cols,
-            col_ok,
-            n_cols,
-            1,
-            stem_b_ptr,
-            stem_b_ptr,
-            stem_b_ptr,
-            stem_b_ptr,  # no input activation: x is read as it is
-            False,
-            False,
-            False,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            USE_DOT,
-            INPUT_PRECISION,
-            ACC_DTYPE,
-        )
+        acc = stored_conv_tile(
+            x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, n, oh, ow, row_ok, H, W,
+            C_in, stem_w_ptr, cols, col_ok, n_cols, 1, False, BLOCK_M, BLOCK_N, BLOCK_K,
+            USE_DOT, INPUT_PRECISION, ACC_DTYPE,
+        )  # fmt: skip
         # Columns [0, C1) are branch 1's output; [C1, C1 + C_RED) feed launch B. Their
         # statistics go to partial columns [0, C1) and [C_OUT, C_OUT + C_RED).
         to_out = cols < C1
@@ -147,38 +116,11 @@ def inception_pointwise_kernel(
     else:
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < C_POOL
-        acc = conv_tile(
-            x_ptr,
-            stride_xn,
-            stride_xc,
-            stride_xh,
-            stride_xw,
-            n,
-            oh,
-            ow,
-            row_ok,
-            H,
-            W,
-            C_in,
-            pool_w_ptr,
-            cols,
-            col_ok,
-            C_POOL,
-            1,
-            pool_b_ptr,
-            pool_b_ptr,
-            pool_b_ptr,
-            pool_b_ptr,
-            True,
-            False,
-            False,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            USE_DOT,
-            INPUT_PRECISION,
-            ACC_DTYPE,
-        )
+        acc = stored_conv_tile(
+            x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, n, oh, ow, row_ok, H, W,
+            C_in, pool_w_ptr, cols, col_ok, C_POOL, 1, True, BLOCK_M, BLOCK_N, BLOCK_K,
+            USE_DOT, INPUT_PRECISION, ACC_DTYPE,
+        )  # fmt: skip
         store_tile(
             acc,
             pool_b_ptr,
@@ -208,7 +150,6 @@ def launch_pointwise(
     out: torch.Tensor,
     scratch: torch.Tensor,
     c1: int,
-    cfg: TileConfig,
     train: bool = False,
     partials: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
@@ -216,9 +157,9 @@ def launch_pointwise(
 
     ``out`` is [N, C_out, H, W] channels_last (an [M, C_out] row-major matrix). Eval
     (``train=False``) stores relu(acc + bias); ``train=True`` stores the pre-activation,
-    and with ``partials`` = (mean, m2), each [cdiv(M, block_m), C_out + C_red] in the
-    accumulator dtype, the per-tile statistics of every column it writes. ``cfg`` tiles
-    the stem GEMM; the pool tiles take pool_tile_config(cfg) (same rows per tile).
+    and with ``partials`` = (mean, m2), each [cdiv(M, rows_per_tile), C_out + C_red] in
+    the accumulator dtype, the per-tile statistics of every column it writes. Stem and
+    pool tiles are two launches, each with its own tiles (kernels/tiles.py).
     """
     n, c_in, h, w = x.shape
     m = n * h * w
@@ -226,43 +167,22 @@ def launch_pointwise(
     c_pool = pool_w.shape[1]
     c_out = out.shape[1]
     part_mean, part_m2 = partials if partials is not None else (stem_b, stem_b)
-    for pool, tiles, n_cols in (
-        (False, cfg, c1 + c_red),
-        (True, pool_tile_config(cfg, compiled_for_gpu(x)), c_pool),
-    ):
+    mode = "train" if train else "eval"
+
+    def run(tiles: TileConfig, pool: bool) -> None:
+        check_partial_rows(partials, m, tiles)
+        n_cols = c_pool if pool else c1 + c_red
         grid = (ceil_div(m, tiles.block_m), ceil_div(n_cols, tiles.block_n))
         inception_pointwise_kernel[grid](
-            x,
-            x.stride(0),
-            x.stride(1),
-            x.stride(2),
-            x.stride(3),
-            stem_w,
-            stem_b,
-            pool_w,
-            pool_b,
-            out,
-            scratch,
-            part_mean,
-            part_m2,
-            m,
-            h,
-            w,
-            c_in,
-            c1,
-            c_red,
-            c_pool,
-            c_out,
-            c_out - c_pool,
-            POOL_TILES=pool,
-            TRAIN=train,
-            STATS=partials is not None,
-            BLOCK_M=tiles.block_m,
-            BLOCK_N=tiles.block_n,
-            BLOCK_K=tiles.block_k,
-            USE_DOT=tiles.use_dot,
-            INPUT_PRECISION=input_precision(x.dtype),
-            ACC_DTYPE=acc_dtype(x.dtype),
-            num_warps=tiles.num_warps,
+            x, *x.stride(), stem_w, stem_b, pool_w, pool_b, out, scratch, part_mean,
+            part_m2, m, h, w, c_in, c1, c_red, c_pool, c_out, c_out - c_pool,
+            POOL_TILES=pool, TRAIN=train, STATS=partials is not None,
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+            USE_DOT=tiles.use_dot, INPUT_PRECISION=input_precision(x.dtype),
+            ACC_DTYPE=acc_dtype(x.dtype), num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
-        )
+        )  # fmt: skip
+
+    for kernel, n_cols in (("pointwise", c1 + c_red), ("pool", c_pool)):
+        launch = functools.partial(run, pool=kernel == "pool")
+        launch(pick(TileKey(kernel, mode, x.dtype, m, n_cols, c_in), x, launch))

@@ -12,9 +12,10 @@ import triton
 import triton.language as tl
 
 from ..folding import FoldedInception, accumulator_dtype, pack_weight
-from .conv_tile import conv_tile, nhwc_strides, tile_pixels
-from .launch import acc_dtype, ceil_div, compiled_for_gpu, input_precision, tile_config
+from .conv_tile import nhwc_strides, stored_conv_tile, tile_pixels
+from .launch import TileConfig, acc_dtype, ceil_div, input_precision
 from .relu_bn_backward import masked_grad, store_partials
+from .tiles import TileKey, pick
 
 
 @triton.jit
@@ -64,38 +65,11 @@ def reduce_grad_kernel(
     col_ok = cols < n_cols
     s_n, s_c, s_h, s_w = nhwc_strides(H, W, GC)
     # A 'same' conv's data gradient is the 'same' conv of dz with the flipped kernel.
-    acc = conv_tile(
-        tl.where(is3, dz3_ptr, dz5_ptr),
-        s_n,
-        s_c,
-        s_h,
-        s_w,
-        n,
-        oh,
-        ow,
-        row_ok,
-        H,
-        W,
-        c_in,
-        w_ptr,
-        cols,
-        col_ok,
-        n_cols,
-        ks,
-        w_ptr,
-        w_ptr,
-        w_ptr,
-        w_ptr,  # no input activation: read as stored
-        False,
-        False,
-        False,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
-        USE_DOT,
-        INPUT_PRECISION,
-        ACC_DTYPE,
-    )
+    acc = stored_conv_tile(
+        tl.where(is3, dz3_ptr, dz5_ptr), s_n, s_c, s_h, s_w, n, oh, ow, row_ok, H, W,
+        c_in, w_ptr, cols, col_ok, n_cols, ks, False, BLOCK_M, BLOCK_N, BLOCK_K,
+        USE_DOT, INPUT_PRECISION, ACC_DTYPE,
+    )  # fmt: skip
     red_cols = red0 + cols
     c_red = R3 + R5
     ok = row_ok[:, None] & col_ok[None, :]
@@ -138,21 +112,27 @@ def launch_reduce_grad(
     c3, c5 = w.w3.shape[1], w.w5.shape[1]
     dtype, dev = g.dtype, g.device
     acc = accumulator_dtype(dtype)
-    cfg = tile_config(dtype, m, max(r3, r - r3), max(c3, c5), compiled_for_gpu(g))
-    tiles_m = ceil_div(m, cfg.block_m)
-    partials = (
-        torch.empty((tiles_m, r), dtype=acc, device=dev),
-        torch.empty((tiles_m, r), dtype=acc, device=dev),
-    )
+    key = TileKey("reduce_grad", "backward", dtype, m, max(r3, r - r3), max(c3, c5),
+                  max(k3, k5))  # fmt: skip
     vectors = stats_red or (torch.empty(0, dtype=acc, device=dev),) * 4
-    grid = (tiles_m, ceil_div(r3, cfg.block_n) + ceil_div(r - r3, cfg.block_n))
-    reduce_grad_kernel[grid](
-        g[:, c1:], g[:, c1 + r :], g[:, c1 + r + c3 :], g.stride(0),
-        _flipped_transposed(w.w3, k3),
-        _flipped_transposed(w.w5, k5), z_red, *vectors, *partials, m, h, wd, r3, r - r3,
-        c3, c5, k3, k5, HAS_BN=bool(stats_red), BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
-        INPUT_PRECISION=input_precision(dtype), ACC_DTYPE=acc_dtype(dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    return partials
+    w3_grad = _flipped_transposed(w.w3, k3)
+    w5_grad = _flipped_transposed(w.w5, k5)
+
+    def run(cfg: TileConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        tiles_m = ceil_div(m, cfg.block_m)
+        partials = (
+            torch.empty((tiles_m, r), dtype=acc, device=dev),
+            torch.empty((tiles_m, r), dtype=acc, device=dev),
+        )
+        grid = (tiles_m, ceil_div(r3, cfg.block_n) + ceil_div(r - r3, cfg.block_n))
+        reduce_grad_kernel[grid](
+            g[:, c1:], g[:, c1 + r :], g[:, c1 + r + c3 :], g.stride(0), w3_grad,
+            w5_grad, z_red, *vectors, *partials, m, h, wd, r3, r - r3, c3, c5, k3, k5,
+            HAS_BN=bool(stats_red), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
+            INPUT_PRECISION=input_precision(dtype), ACC_DTYPE=acc_dtype(dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        return partials
+
+    return run(pick(key, g, run))

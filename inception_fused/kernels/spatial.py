@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .conv_tile import conv_tile, nhwc_strides, store_tile, tile_pixels
 from .launch import TileConfig, acc_dtype, ceil_div, input_precision
+from .tiles import TileKey, check_partial_rows, pick
 
 
 @triton.jit
@@ -135,7 +136,6 @@ def launch_spatial(
     k3: int,
     k5: int,
     col3: int,
-    cfg: TileConfig,
     train: bool = False,
     red_bn: tuple[torch.Tensor, ...] | None = None,
     partials: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -146,7 +146,7 @@ def launch_spatial(
     ``train=True``: the scratch holds the reduce layers' pre-activation z, activated on load
     with ReLU, after BN when ``red_bn`` = (mean, invstd, gamma, beta) over [r3 + r5]; the
     pre-activation is stored, with per-tile statistics when ``partials`` = (mean, m2), each
-    [cdiv(M, block_m), C_out + r3 + r5].
+    [cdiv(M, rows_per_tile), C_out + r3 + r5].
     """
     n, c_out, h, w = out.shape
     m = n * h * w
@@ -154,40 +154,22 @@ def launch_spatial(
     c3, c5 = w3.shape[1], w5.shape[1]
     bn_vectors = red_bn if red_bn is not None else (b3,) * 4
     part_mean, part_m2 = partials if partials is not None else (b3, b3)
-    grid = (
-        ceil_div(m, cfg.block_m),
-        ceil_div(c3, cfg.block_n) + ceil_div(c5, cfg.block_n),
-    )
-    inception_spatial_kernel[grid](
-        reduced,
-        *bn_vectors,
-        w3,
-        b3,
-        w5,
-        b5,
-        out,
-        part_mean,
-        part_m2,
-        m,
-        h,
-        w,
-        r3,
-        r5,
-        c3,
-        c5,
-        k3,
-        k5,
-        c_out,
-        col3,
-        TRAIN=train,
-        STATS=partials is not None,
-        IN_BN=red_bn is not None,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        USE_DOT=cfg.use_dot,
-        INPUT_PRECISION=input_precision(out.dtype),
-        ACC_DTYPE=acc_dtype(out.dtype),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+
+    def run(cfg: TileConfig) -> None:
+        check_partial_rows(partials, m, cfg)
+        grid = (
+            ceil_div(m, cfg.block_m),
+            ceil_div(c3, cfg.block_n) + ceil_div(c5, cfg.block_n),
+        )
+        inception_spatial_kernel[grid](
+            reduced, *bn_vectors, w3, b3, w5, b5, out, part_mean, part_m2, m, h, w, r3,
+            r5, c3, c5, k3, k5, c_out, col3, TRAIN=train, STATS=partials is not None,
+            IN_BN=red_bn is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
+            INPUT_PRECISION=input_precision(out.dtype), ACC_DTYPE=acc_dtype(out.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+
+    mode = "train" if train else "eval"
+    key = TileKey("spatial", mode, out.dtype, m, max(c3, c5), max(r3, r5), max(k3, k5))
+    run(pick(key, out, run))

@@ -15,16 +15,16 @@ the running statistics, no partials are written and nothing is updated. Without 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from ..folding import OUT_THEN_RED, BNParams, FoldedInception, accumulator_dtype
 from .batch_norm import bn_relu_pass, finalize_stats
-from .launch import ceil_div, compiled_for_gpu, tile_config
+from .launch import ceil_div, compiled_for_gpu
 from .pointwise import launch_pointwise
 from .spatial import launch_spatial
+from .tiles import rows_per_tile
 
 
 @dataclass
@@ -175,7 +175,7 @@ def train_forward(
     Statistics are fp32 (fp64 for fp64 input). x may have any strides.
     """
     _check_inputs(x, w, bn, batch_stats)
-    n, c_in, h, wd = x.shape
+    n, _, h, wd = x.shape
     m = n * h * wd
     c3, c5, c_pool = w.w3.shape[1], w.w5.shape[1], w.pool_w.shape[1]
     c_red = w.stem_w.shape[1] - w.c1
@@ -197,17 +197,11 @@ def train_forward(
     if m == 0:
         return result
 
-    on_gpu = compiled_for_gpu(x)
-    cfg_a = tile_config(x.dtype, m, max(w.stem_w.shape[1], c_pool), c_in, on_gpu)
-    # Both launches write rows of one partials matrix, so they tile M alike.
-    cfg_b = dataclasses.replace(
-        tile_config(x.dtype, m, max(c3, c5), max(w.r3, c_red - w.r3), on_gpu),
-        block_m=cfg_a.block_m,
-    )
+    rows = rows_per_tile(x.dtype, m, compiled_for_gpu(x))
     partials = None
     batch = bn is not None and batch_stats
     if batch:
-        shape = (ceil_div(m, cfg_a.block_m), c_all)
+        shape = (ceil_div(m, rows), c_all)
         partials = (
             torch.empty(shape, device=dev, dtype=acc),
             torch.empty(shape, device=dev, dtype=acc),
@@ -226,13 +220,12 @@ def train_forward(
         z_out_4d,
         z_red,
         w.c1,
-        cfg_a,
         train=True,
         partials=partials,
     )
     if batch:
         stats_out = (mean, invstd, var_unbiased)
-        finalize_stats(partials, bn.eps_red, *stats_out, m, cfg_a.block_m, c_out, c_red)
+        finalize_stats(partials, bn.eps_red, *stats_out, m, rows, c_out, c_red)
     red_bn = None
     if bn is not None:
         red_bn = (result.mean_red, result.invstd_red, bn.gamma_red, bn.beta_red)
@@ -247,13 +240,12 @@ def train_forward(
         w.k3,
         w.k5,
         w.c1,
-        cfg_b,
         train=True,
         red_bn=red_bn,
         partials=partials,
     )
     if batch:
-        finalize_stats(partials, bn.eps_out, *stats_out, m, cfg_a.block_m, 0, c_out)
+        finalize_stats(partials, bn.eps_out, *stats_out, m, rows, 0, c_out)
         sizes = [w.c1, c3, c5, c_pool, w.r3, c_red - w.r3]
         _update_running_stats(bn, sizes, mean, var_unbiased)
     out_bn = None

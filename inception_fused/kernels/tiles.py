@@ -1,0 +1,207 @@
+"""Which tiles each conv GEMM launch gets: a committed per-shape table, a rule for shapes
+the table lacks, and on CUDA a tuner that times a few candidates at a shape's first use.
+
+A launch is named by a :class:`TileKey`: the kernel (``pointwise`` stem tiles, ``pool``
+tiles, ``spatial``, ``reduce_grad``, ``input_grad``), the mode, dtype and the GEMM's
+(M, N, K) with the kernel size. On the GPU, its tiles are the table's entry
+(``tile_table.json``: the rule's choice checked by ``benchmarks/sm90_report.py``, or the
+winner measured on a GPU by ``benchmarks/tune_tiles.py``), else the rule. The interpreter
+keeps the rule's one config (big tiles: it pays per program).
+
+On CUDA, the first launch of a key times every candidate (``candidates``: the choice
+first) and keeps the fastest for the process. Every candidate list is compiled and
+checked for sm_90a by the report (no spills, HGMMA, pipelined loads, shared memory that
+fits). Tuning is off under deterministic algorithms (the pick must not vary by run), during
+CUDA graph capture, and with ``INCEPTION_FUSED_AUTOTUNE=0``.
+
+Train-forward tiles (``mode="train"``) keep the rule's rows per tile: the three launches
+write rows of one statistics partials matrix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from .launch import TileConfig, ceil_div, pool_tile_config, pow2_clamp, tile_config
+
+TABLE_PATH = Path(__file__).with_name("tile_table.json")
+KERNELS = ("pointwise", "pool", "spatial", "reduce_grad", "input_grad")
+# Kernels offered 128-wide N tiles (16-bit types): at 128x128 the spatial kernel spills
+# (its branch selects and tap loop hold more addresses), and input_grad holds four tiles.
+WIDE_N_KERNELS = ("pointwise", "reduce_grad")
+DTYPE_NAMES = {
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+}
+
+
+class TileKey(NamedTuple):
+    """One conv GEMM launch: [m, k] @ [k, n] per tap, ``ks`` x ``ks`` taps."""
+
+    kernel: str
+    mode: str  # "eval", "train" or "backward"
+    dtype: torch.dtype
+    m: int
+    n: int
+    k: int
+    ks: int = 1
+
+    def as_json(self) -> dict:
+        return self._asdict() | {"dtype": DTYPE_NAMES[self.dtype]}
+
+
+def rule(key: TileKey, on_gpu: bool) -> TileConfig:
+    """The tiles a shape gets without a table entry."""
+    cfg = tile_config(key.dtype, key.m, key.n, key.k, on_gpu)
+    if key.kernel == "pool":
+        return pool_tile_config(cfg, on_gpu)
+    if key.kernel == "input_grad":
+        if on_gpu:  # four [BLOCK_M, BLOCK_N] tiles live at once
+            return dataclasses.replace(cfg, block_m=min(cfg.block_m, 64))
+        # interpreter: fewer, wider programs (fp64's [256, 16, 256] product is still
+        # within Triton's 2**20-element cap)
+        return dataclasses.replace(cfg, block_n=pow2_clamp(key.n, 1, 256))
+    return cfg
+
+
+def candidates(key: TileKey) -> list[TileConfig]:
+    """The GPU configs the tuner tries for ``key``, the table's (or rule's) choice first:
+    one more pipeline stage, eight warps, a wider N tile (16-bit types, WIDE_N_KERNELS)
+    and, where the rows per tile are free, half the rows. Each is in the report's --check."""
+    first = choice(key, True)
+    if not first.use_dot:  # fp64: one config
+        return [first]
+    base = rule(key, True)
+    found = [
+        first,
+        base,
+        dataclasses.replace(base, num_stages=base.num_stages + 1),
+        dataclasses.replace(base, num_warps=8),
+    ]
+    if key.dtype != torch.float32 and key.n >= 128 and key.kernel in WIDE_N_KERNELS:
+        found.append(dataclasses.replace(base, block_n=128, num_warps=8))
+    if key.mode != "train" and base.block_m == 128:
+        found.append(dataclasses.replace(base, block_m=64))
+    return list(dict.fromkeys(found))
+
+
+def rows_per_tile(dtype: torch.dtype, m: int, on_gpu: bool) -> int:
+    """BLOCK_M of every train-forward launch at M = ``m``: their statistics partials have
+    cdiv(m, rows_per_tile) rows."""
+    return rule(TileKey("pointwise", "train", dtype, m, 1, 1), on_gpu).block_m
+
+
+def check_partial_rows(
+    partials: tuple[torch.Tensor, torch.Tensor] | None, m: int, cfg: TileConfig
+) -> None:
+    if partials is not None and partials[0].shape[0] != ceil_div(m, cfg.block_m):
+        raise ValueError(
+            f"statistics partials have {partials[0].shape[0]} rows; tiles of "
+            f"{cfg.block_m} rows over M={m} need {ceil_div(m, cfg.block_m)}"
+        )
+
+
+def table_entries() -> list[dict]:
+    """The table file's entries: {"key", "config", "source"} each."""
+    return json.loads(TABLE_PATH.read_text())["entries"] if TABLE_PATH.exists() else []
+
+
+def save_table(entries: list[dict]) -> None:
+    """One entry per line, sorted by key, so that a diff shows which shapes changed."""
+    entries = sorted(entries, key=lambda e: json.dumps(e["key"], sort_keys=True))
+    lines = ",\n".join(json.dumps(e, sort_keys=True) for e in entries)
+    TABLE_PATH.write_text('{"entries": [\n' + lines + "\n]}\n")
+    table.cache_clear()
+    choice.cache_clear()
+
+
+@functools.cache
+def table() -> dict[TileKey, TileConfig]:
+    """The committed per-shape tiles (GPU only)."""
+    names = {v: k for k, v in DTYPE_NAMES.items()}
+    found = {}
+    for entry in table_entries():
+        key = TileKey(**(entry["key"] | {"dtype": names[entry["key"]["dtype"]]}))
+        cfg = TileConfig(**entry["config"])
+        if key.mode == "train" and cfg.block_m != rule(key, True).block_m:
+            raise ValueError(
+                f"{TABLE_PATH.name}: train tiles must keep BLOCK_M: {entry}"
+            )
+        found[key] = cfg
+    return found
+
+
+@functools.lru_cache(maxsize=4096)
+def choice(key: TileKey, on_gpu: bool) -> TileConfig:
+    """The table's tiles for ``key`` on the GPU, else the rule's."""
+    return table().get(key, rule(key, True)) if on_gpu else rule(key, False)
+
+
+_tuned: dict[TileKey, TileConfig] = {}
+_timings: dict[TileKey, dict[TileConfig, float]] = {}
+_recording: list[TileKey] | None = None
+
+
+def autotuning() -> bool:
+    return (
+        os.environ.get("INCEPTION_FUSED_AUTOTUNE", "1") != "0"
+        and not torch.are_deterministic_algorithms_enabled()
+        and not (
+            torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+        )
+    )
+
+
+def pick(
+    key: TileKey, t: torch.Tensor, launch: Callable[[TileConfig], object]
+) -> TileConfig:
+    """The tiles to launch ``key`` with, on ``t``'s device; ``launch(cfg)`` runs the
+    launch (idempotent: it only stores) and is called here only while tuning."""
+    if _recording is not None:  # sm90 report: every candidate's launch is recorded
+        _recording.append(key)
+        for cfg in candidates(key):
+            launch(cfg)
+    elif t.is_cuda and autotuning():
+        best = _tuned.get(key)
+        if best is None:
+            best = _tune(key, launch)
+        return best
+    return choice(key, t.is_cuda or t.is_meta)
+
+
+def _tune(key: TileKey, launch: Callable[[TileConfig], object]) -> TileConfig:
+    from triton.testing import do_bench
+
+    times = {cfg: do_bench(lambda c=cfg: launch(c), warmup=5, rep=25) for cfg in
+             candidates(key)}  # fmt: skip
+    _timings[key] = times
+    best = _tuned[key] = min(times, key=times.get)
+    return best
+
+
+def tuned() -> dict[TileKey, dict[TileConfig, float]]:
+    """Every key tuned in this process: each candidate's time in ms."""
+    return dict(_timings)
+
+
+@contextlib.contextmanager
+def launching_every_candidate() -> Iterator[list[TileKey]]:
+    """Inside, each launch is also made with every candidate of its key, and the keys
+    are listed (for launches recorded on meta tensors: kernels/aot.py)."""
+    global _recording
+    saved, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = saved
