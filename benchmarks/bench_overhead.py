@@ -48,7 +48,8 @@ Op counts (train rows; one untimed, separate pass under a TorchDispatchMode, whi
 fused path's eager shortcut is told to ignore): ``aten_ops`` aten operators per call,
 ``aten_launches`` those that would launch a CUDA kernel (not views, not bare
 allocations), ``triton_launches`` stubbed Triton launches, ``python_meta`` ops served by
-a Python meta kernel (meta rows).
+a Python meta kernel (meta rows) and ``python_meta_us`` the time spent in them in that
+pass: part of the meta row's time that a CUDA run spends in C++ instead.
 
 Calls are timed one by one, in runs of consecutive calls of one path that alternate
 between paths (warm caches as in a loop, load from other processes spread alike), up to
@@ -67,6 +68,7 @@ import argparse
 import collections
 import contextlib
 import csv
+import functools
 import importlib
 import os
 import statistics
@@ -110,6 +112,7 @@ FIELDS = (
     "aten_launches",
     "triton_launches",
     "python_meta",
+    "python_meta_us",
 )
 TRAIN_PATHS = ("train-fwd", "train-bwd", "train-step")
 # Non-view aten ops that enqueue no CUDA kernel: bare allocations, metadata.
@@ -180,6 +183,7 @@ NO_CPP_META = frozenset({"convolution", "convolution_backward"})
 _KEPT: list[torch.library.Library] = []
 
 
+@functools.cache  # cleared by use_cpp_meta_kernels
 def _meta_kernel_is_python(name: str) -> bool:
     meta = [
         line
@@ -216,31 +220,38 @@ def use_cpp_meta_kernels() -> None:
         ):
             restored.impl(name, python_kernels[qualified])
     _KEPT.append(restored)  # its registrations live as long as it does
+    _meta_kernel_is_python.cache_clear()
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts aten ops: all, those that would launch a CUDA kernel, Python meta ones."""
+    """Counts aten ops: all, those that would launch a CUDA kernel, and (on meta) those
+    run by a Python meta kernel, with the time spent in them."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: collections.Counter[str] = collections.Counter()
+        self.python_meta_seconds = 0.0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.name()] += 1
-        return func(*args, **(kwargs or {}))
+        name = func.name()
+        self.ops[name] += 1
+        if not _meta_kernel_is_python(name):
+            return func(*args, **(kwargs or {}))
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.python_meta_seconds += time.perf_counter() - t0
+        return out
 
-    def counts(self, meta: bool) -> dict[str, int]:
+    def counts(self, meta: bool) -> dict[str, int | str]:
         views = {n for n in self.ops if _is_view(n)}
+        python = sum(c for n, c in self.ops.items() if _meta_kernel_is_python(n))
         return {
             "aten_ops": sum(self.ops.values()),
             "aten_launches": sum(
                 c for n, c in self.ops.items() if n not in views and n not in NO_LAUNCH
             ),
-            "python_meta": sum(
-                c for n, c in self.ops.items() if _meta_kernel_is_python(n)
-            )
-            if meta
-            else "",
+            "python_meta": python if meta else "",
+            "python_meta_us": round(self.python_meta_seconds * 1e6) if meta else "",
         }
 
 
