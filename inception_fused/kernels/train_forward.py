@@ -95,15 +95,19 @@ def _check_inputs(
         )
 
 
+# Where each BLOCK_ORDER layer sits among the pieces in the kernels' channel order.
+_SPLIT_POSITION = tuple(OUT_THEN_RED.index(i) for i in range(len(OUT_THEN_RED)))
+
+
 def _for_layers(
     parts: tuple[torch.Tensor, ...], layers: list[int], like: list[torch.Tensor]
 ) -> list[torch.Tensor]:
     """Per-layer pieces in the kernels' channel order (OUT_THEN_RED), picked for the
     BLOCK_ORDER ``layers``, each in its ``like`` buffer's dtype."""
-    ordered = dict(zip(OUT_THEN_RED, parts, strict=True))
+    picked = [parts[_SPLIT_POSITION[i]] for i in layers]
     return [
         t if t.dtype == r.dtype else t.to(r.dtype)
-        for t, r in zip((ordered[i] for i in layers), like, strict=True)
+        for t, r in zip(picked, like, strict=True)
     ]
 
 
