@@ -345,30 +345,25 @@ class Paths:
         }
 
     def op_counts(
-        self, meta: bool, providers: tuple[str, ...] = ("fused", "reference")
+        self,
+        meta: bool,
+        providers: tuple[str, ...] = ("fused", "reference"),
+        passes: int = 5,
     ) -> dict[tuple[str, str], dict[str, int]]:
-        """Per train path and provider: one untimed call (after a warm-up one) under an
-        OpCounter."""
+        """Per train path and provider: counts of an untimed call under an OpCounter
+        (after a warm-up call); ``python_meta_us`` the least of ``passes`` calls."""
         counts = {}
         modules = {"fused": self.train, "reference": self.ref_train}
         for provider in providers:
             module = modules[provider]
             _timed_train(module, self.x, self.grad, True, True)  # warm caches
-            module.zero_grad(set_to_none=True)
-            x = self.x.detach().requires_grad_()
-            launches = LaunchCounter.count
-            with counting() as fwd:
-                out = module(x)
-            fwd_launches = LaunchCounter.count - launches
-            with counting() as bwd:
-                out.backward(self.grad)
-            bwd_launches = LaunchCounter.count - launches - fwd_launches
-            rows = {
-                "train-fwd": (fwd.counts(meta), fwd_launches),
-                "train-bwd": (bwd.counts(meta), bwd_launches),
-            }
-            for path, (row, launched) in rows.items():
-                counts[path, provider] = row | {"triton_launches": launched}
+            for _ in range(passes):
+                rows = self._counted_step(module, meta)
+                for path, row in rows.items():
+                    best = counts.get((path, provider), row)["python_meta_us"]
+                    if meta:
+                        row["python_meta_us"] = min(row["python_meta_us"], best)
+                    counts[path, provider] = row
             counts["train-step", provider] = {
                 key: (a + b if isinstance(a, int) else a)
                 for (key, a), b in zip(
@@ -378,6 +373,23 @@ class Paths:
                 )
             }
         return counts
+
+    def _counted_step(
+        self, module: torch.nn.Module, meta: bool
+    ) -> dict[str, dict[str, int]]:
+        module.zero_grad(set_to_none=True)
+        x = self.x.detach().requires_grad_()
+        launches = LaunchCounter.count
+        with counting() as fwd:
+            out = module(x)
+        fwd_launches = LaunchCounter.count - launches
+        with counting() as bwd:
+            out.backward(self.grad)
+        bwd_launches = LaunchCounter.count - launches - fwd_launches
+        return {
+            "train-fwd": fwd.counts(meta) | {"triton_launches": fwd_launches},
+            "train-bwd": bwd.counts(meta) | {"triton_launches": bwd_launches},
+        }
 
 
 def _timed_eval(module: torch.nn.Module, x: torch.Tensor) -> float:
