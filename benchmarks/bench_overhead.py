@@ -15,6 +15,11 @@ per call, for each of the nine GoogLeNet configurations at batch 1:
     train-bwd   the backward of that forward
     train-step  both, timed as one call
 
+Provider ``autograd-only`` (train rows): one autograd.Function over the block's input
+and parameters that computes nothing, timed the same way: the floor of any train step
+of the block through autograd (function call, saved inputs, the engine, a grad handed to
+each parameter).
+
 Before every train call the parameters' grads are set to None (untimed), as a training
 loop's ``zero_grad()`` leaves them: the backward then hands its gradients over instead of
 adding them to old ones.
@@ -292,6 +297,36 @@ def meta_autocast_off() -> Iterator[None]:
         torch.is_autocast_enabled = is_enabled
 
 
+class _Untouched(torch.autograd.Function):
+    """Saves its inputs, returns an empty output; its backward an empty grad for each."""
+
+    @staticmethod
+    def forward(ctx, shape: torch.Size, x: torch.Tensor, *params: torch.Tensor):
+        ctx.save_for_backward(x, *params)
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        return (None, *(torch.empty_like(t) for t in ctx.saved_tensors))
+
+
+class AutogradOnly(torch.nn.Module):
+    """The block's autograd shell: one Function over x and its parameters that computes
+    nothing. What any autograd train step of the block costs at least (the function
+    call, saving the inputs, the engine, a grad allocated and handed to each
+    parameter), timed like the blocks."""
+
+    def __init__(self, block: InceptionModule) -> None:
+        super().__init__()
+        self.block = block
+        self.params = list(block.parameters())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        shape = torch.Size((n, self.block.out_channels, h, w))
+        return _Untouched.apply(shape, x, *self.params)
+
+
 class Paths:
     """The timed calls of one configuration; each returns the seconds it measured."""
 
@@ -311,6 +346,7 @@ class Paths:
         self.train = FusedInceptionModule.from_module(ref.train(), backend="triton")
         self.ref_eval = InceptionModule(*cfg.channels).to(device).eval()
         self.ref_train = InceptionModule(*cfg.channels).to(device).train()
+        self.autograd_only = AutogradOnly(InceptionModule(*cfg.channels).to(device))
         self.sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     def launcher_calls(self) -> dict[tuple[str, str], Callable[[], float]]:
@@ -328,6 +364,7 @@ class Paths:
             fused
             | {("eval", "reference"): lambda: _timed_eval(self.ref_eval, self.x)}
             | self.train_calls(self.ref_train, "reference")
+            | self.train_calls(self.autograd_only, "autograd-only")
         )
 
     def train_calls(
@@ -567,6 +604,7 @@ def meta_rows(
         for name in configs:
             block = Paths(name, meta, batch, None)
             paths = block.train_calls(block.train, "fused")
+            paths |= block.train_calls(block.autograd_only, "autograd-only")
             times = measure(paths, rounds, seconds, block.sync)
             counts = block.op_counts(meta=True, providers=("fused",))
             results.add(name, "native", "meta", times, counts)
