@@ -350,15 +350,18 @@ _train_backward_op.register_autograd(
 )
 
 
+_Dicts = tuple[tuple[nn.Module, dict], ...]
+
+
 class _TrainLayout(NamedTuple):
     """Which submodules and tensor dicts the train path reads (structure only: the
     tensors and BN settings themselves are read afresh on every call)."""
 
     structure: int
-    convs: tuple[dict, ...]  # the six convs' parameter dicts, BLOCK_ORDER
+    convs: _Dicts  # (conv, its parameter dict), BLOCK_ORDER
     bns: tuple[nn.Module, ...]  # the six BatchNorms; () with batch_norm=False
-    bn_params: tuple[dict, ...]
-    bn_buffers: tuple[dict, ...]
+    bn_params: _Dicts
+    bn_buffers: _Dicts
 
 
 _layouts: weakref.WeakKeyDictionary[nn.Module, _TrainLayout] = (
@@ -371,11 +374,17 @@ def _read_layout(module: InceptionModule) -> _TrainLayout:
     bns = () if blocks[0].bn is None else tuple(b.bn for b in blocks)
     return _TrainLayout(
         structure_version(),
-        tuple(b.conv._parameters for b in blocks),
+        tuple((b.conv, b.conv._parameters) for b in blocks),
         bns,
-        tuple(bn._parameters for bn in bns),
-        tuple(bn._buffers for bn in bns),
+        tuple((bn, bn._parameters) for bn in bns),
+        tuple((bn, bn._buffers) for bn in bns),
     )
+
+
+def _read(dicts: _Dicts, name: str) -> list[Tensor | None]:
+    """Each module's tensor ``name``, from its dict where it is there (a dict lookup),
+    else through the module (a parametrized weight, computed on access)."""
+    return [d[name] if name in d else getattr(m, name) for m, d in dicts]
 
 
 def _train_layout(module: InceptionModule) -> _TrainLayout:
@@ -396,11 +405,11 @@ def bn_batch_stats(module: InceptionModule) -> bool | None:
     layout = _train_layout(module)
     if not layout.bns:
         return module.training
+    running = _read(layout.bn_buffers, "running_mean")
     modes = {
-        bn.training or b["running_mean"] is None
-        for bn, b in zip(layout.bns, layout.bn_buffers, strict=True)
+        bn.training or r is None for bn, r in zip(layout.bns, running, strict=True)
     }
-    tracking = {b["running_mean"] is not None for b in layout.bn_buffers}
+    tracking = {r is not None for r in running}
     return modes.pop() if len(modes) == 1 and len(tracking) == 1 else None
 
 
@@ -432,25 +441,24 @@ def fused_train_forward(
             f"{tuple(x.shape)}"
         )
     buffers = layout.bn_buffers
-    tracked = bool(bns) and buffers[0]["running_mean"] is not None
+    running_mean = _read(buffers, "running_mean")
+    tracked = bool(bns) and running_mean[0] is not None
     bn_args = {
         "eps": [bn.eps for bn in bns],
         "momentum": [bn.momentum or 0.0 for bn in bns],
         "cumulative": [bn.momentum is None for bn in bns],
-        "running_mean": [b["running_mean"] for b in buffers] if tracked else [],
-        "running_var": [b["running_var"] for b in buffers] if tracked else [],
-        "num_batches_tracked": [b["num_batches_tracked"] for b in buffers]
-        if tracked
-        else [],
+        "running_mean": running_mean if tracked else [],
+        "running_var": _read(buffers, "running_var") if tracked else [],
+        "num_batches_tracked": _read(buffers, "num_batches_tracked") if tracked else [],
         "batch_stats": batch_stats,
     }
     # Conv parameters in the compute dtype (autograd casts their grads back).
     convs = [
         t if t is None or t.dtype == dtype else t.to(dtype)
         for name in ("weight", "bias")
-        for t in (p.get(name) for p in layout.convs)
+        for t in _read(layout.convs, name)
     ]
-    affine = [p.get(name) for name in ("weight", "bias") for p in layout.bn_params]
+    affine = [t for name in ("weight", "bias") for t in _read(layout.bn_params, name)]
     out = _InceptionTrain.apply(
         bn_args,
         x if x.dtype == dtype else x.to(dtype),

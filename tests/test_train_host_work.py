@@ -94,6 +94,15 @@ def test_replaced_parameters_and_batch_norms_are_read():
     assert_same_step(fused, ref, x)
 
 
+def test_parametrized_weights_are_read():
+    # A parametrization moves the weight out of the parameter dict: it is computed on
+    # access (here weight_norm), and its grads reach the parametrization's tensors.
+    fused, ref = pair()
+    for m in (fused, ref):
+        torch.nn.utils.parametrizations.weight_norm(m.branch2[1].conv)
+    assert_same_step(fused, ref, torch.randn(2, 20, 5, 4, device=DEVICE))
+
+
 def test_changed_bn_settings_are_read():
     # eps and momentum are read on every call (the eps vectors are shared constants,
     # keyed by their values).
