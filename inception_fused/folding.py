@@ -6,7 +6,6 @@ Weights are packed in the layout the kernels read, an implicit-GEMM matrix
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -80,22 +79,8 @@ def pack_stem(weights: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 
 
 _TRACING_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())
-
-
-@functools.lru_cache(maxsize=256)
-def _constant_vector(
-    values: tuple[float, ...],
-    sizes: tuple[int, ...],
-    dtype: torch.dtype,
-    device: torch.device,
-) -> torch.Tensor:
-    with torch.inference_mode(False), torch.no_grad():
-        return torch.cat(
-            [
-                torch.full((n,), v, dtype=dtype, device=device)
-                for v, n in zip(values, sizes, strict=True)
-            ]
-        )
+_CONSTANTS_KEPT = 256
+_constants: dict[tuple, torch.Tensor] = {}
 
 
 def constant_vector(
@@ -105,14 +90,27 @@ def constant_vector(
     device: torch.device,
 ) -> torch.Tensor:
     """``sizes[i]`` copies of ``values[i]``, one after another (zero biases, unit gammas,
-    BN eps): built once per arguments and shared, so never write to it. Not cached
-    while tracing (fake, proxy or functional tensors must not leak out of it).
+    BN eps): built once per arguments and shared, so never write to it. Neither cached
+    nor taken from the cache while tracing (fake, proxy or functional tensors), nor
+    cached when built during a CUDA graph capture (its memory belongs to the graph).
     """
-    if torch._C._len_torch_dispatch_stack() and any(
+    tracing = torch._C._len_torch_dispatch_stack() and any(
         torch._C._get_dispatch_mode(key) is not None for key in _TRACING_MODES
-    ):
-        return _constant_vector.__wrapped__(values, sizes, dtype, device)
-    return _constant_vector(values, sizes, dtype, device)
+    )
+    key = (values, sizes, dtype, device)
+    vector = None if tracing else _constants.get(key)
+    if vector is None:
+        with torch.inference_mode(False), torch.no_grad():
+            vector = torch.cat(
+                [
+                    torch.full((n,), v, dtype=dtype, device=device)
+                    for v, n in zip(values, sizes, strict=True)
+                ]
+            )
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not (tracing or capturing) and len(_constants) < _CONSTANTS_KEPT:
+            _constants[key] = vector
+    return vector
 
 
 def fold_conv_block(
@@ -198,6 +196,7 @@ class BNParams:
     Vectors are in the accumulator dtype and split like the kernels' outputs: ``*_out`` in
     output-channel order [c1 | c3 | c5 | cp], ``*_red`` in reduce order [r3 | r5]. Running
     statistics stay per layer (lists in BLOCK_ORDER; None where a layer does not track them).
+    The eps vectors are shared constants (:func:`constant_vector`): read-only.
     """
 
     gamma_out: torch.Tensor

@@ -138,6 +138,8 @@ def test_constant_vectors_not_cached_while_tracing():
     assert type(real) is torch.Tensor and type(fake) is not torch.Tensor
     assert real.tolist() == [0.5] * 3 + [2.0] * 2
     assert constant_vector(*args) is real  # cached outside tracing
+    with FakeTensorMode():  # and not handed to tracing
+        assert type(constant_vector(*args)) is not torch.Tensor
 
 
 @pytest.mark.parametrize("affine", [True, False])
