@@ -75,7 +75,8 @@ def tile_config(
             use_dot=use_dot,
         )
     if not use_dot:  # fp64: broadcast multiply-and-sum keeps [M, K, N] in registers
-        return TileConfig(32, 32, 8, num_stages=1, use_dot=False)
+        # (16 rows: at 32, some fp64 kernels spill a few bytes for sm_90a)
+        return TileConfig(16, 32, 8, num_stages=1, use_dot=False)
     block_m = 64 if m <= 8192 else 128
     if dtype == torch.float32:
         # A TF32 tile holds twice the bytes per K step: half the K step, and eight warps
