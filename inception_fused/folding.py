@@ -38,8 +38,8 @@ class FoldedInception:
     widths: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        names = [f.name for f in fields(self) if f.init]
-        object.__setattr__(self, "args", tuple(getattr(self, n) for n in names))
+        args = tuple(getattr(self, n) for n in _FOLDED_FIELDS)
+        object.__setattr__(self, "args", args)
         widths = (
             self.stem_w.shape[1],
             self.c1,
@@ -51,6 +51,10 @@ class FoldedInception:
         object.__setattr__(self, "widths", widths)
 
 
+# The fields that make up FoldedInception.args (dataclasses.fields is slow per call).
+_FOLDED_FIELDS = tuple(f.name for f in fields(FoldedInception) if f.init)
+
+
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """Biases and BN statistics are kept in fp64 for fp64 inputs, else in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -58,8 +62,55 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def pack_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Conv weight [C_out, C_in, k, k] -> implicit-GEMM matrix [k*k*C_in, C_out]."""
-    packed = weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0])
-    return packed.to(dtype).contiguous()
+    packed = weight.permute(2, 3, 1, 0)
+    if packed.dtype == dtype:
+        packed = packed.contiguous()
+    else:  # one copy that casts and reorders at once
+        packed = packed.to(dtype, memory_format=torch.contiguous_format)
+    return packed.view(-1, weight.shape[0])
+
+
+def pack_stem(weights: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The 1x1 conv weights [C_out_i, C_in, 1, 1] side by side: [C_in, sum C_out_i],
+    packed by one cat."""
+    stem = torch.cat([w.permute(2, 3, 1, 0) for w in weights], 3)
+    stem = stem.view(stem.shape[2], stem.shape[3])
+    return stem if stem.dtype == dtype else stem.to(dtype)
+
+
+_TRACING_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())
+_CONSTANTS_KEPT = 256
+_constants: dict[tuple, torch.Tensor] = {}
+
+
+def constant_vector(
+    values: tuple[float, ...],
+    sizes: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """``sizes[i]`` copies of ``values[i]``, one after another (zero biases, unit gammas,
+    BN eps): built once per arguments and shared, so never write to it. Neither cached
+    nor taken from the cache while tracing (fake, proxy or functional tensors), nor
+    cached when built during a CUDA graph capture (its memory belongs to the graph).
+    """
+    tracing = torch._C._len_torch_dispatch_stack() and any(
+        torch._C._get_dispatch_mode(key) is not None for key in _TRACING_MODES
+    )
+    key = (values, sizes, dtype, device)
+    vector = None if tracing else _constants.get(key)
+    if vector is None:
+        with torch.inference_mode(False), torch.no_grad():
+            vector = torch.cat(
+                [
+                    torch.full((n,), v, dtype=dtype, device=device)
+                    for v, n in zip(values, sizes, strict=True)
+                ]
+            )
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not (tracing or capturing) and len(_constants) < _CONSTANTS_KEPT:
+            _constants[key] = vector
+    return vector
 
 
 def fold_conv_block(
@@ -101,6 +152,9 @@ def conv_blocks(module: InceptionModule) -> tuple[ConvBlock, ...]:
 
 
 BLOCK_ORDER = ("branch1", "red3", "red5", "conv3", "conv5", "pool")
+# BLOCK_ORDER indices of the output layers [c1 | c3 | c5 | cp], then of the reduce
+# layers [r3 | r5]: the kernels' channel order.
+OUT_THEN_RED = (0, 3, 4, 5, 1, 2)
 
 
 def fold_inception(
@@ -142,6 +196,7 @@ class BNParams:
     Vectors are in the accumulator dtype and split like the kernels' outputs: ``*_out`` in
     output-channel order [c1 | c3 | c5 | cp], ``*_red`` in reduce order [r3 | r5]. Running
     statistics stay per layer (lists in BLOCK_ORDER; None where a layer does not track them).
+    The eps vectors are shared constants (:func:`constant_vector`): read-only.
     """
 
     gamma_out: torch.Tensor
@@ -171,33 +226,32 @@ class BNParams:
     ) -> BNParams:
         """Lists in BLOCK_ORDER; a None gamma/beta (affine=False) means 1/0."""
         acc = accumulator_dtype(dtype)
-
-        def vector(values: list[torch.Tensor | None], fill: float, idx) -> torch.Tensor:
-            return torch.cat(
-                [
-                    torch.full((channels[i],), fill, dtype=acc, device=device)
-                    if values[i] is None
-                    else values[i].detach().to(acc)
-                    for i in idx
-                ]
-            )
-
-        def eps_vector(idx) -> torch.Tensor:
-            return torch.cat(
-                [
-                    torch.full((channels[i],), eps[i], dtype=acc, device=device)
-                    for i in idx
-                ]
-            )
-
-        out_idx, red_idx = (0, 3, 4, 5), (1, 2)
+        sizes = tuple(channels[i] for i in OUT_THEN_RED)
+        c_out, c_red = sum(sizes[:4]), sum(sizes[4:])
+        split = [c_out, c_red, c_out, c_red]
+        # gamma_out | gamma_red | beta_out | beta_red in one cat.
+        parts = [
+            constant_vector((fill,), (channels[i],), acc, device)
+            if values[i] is None
+            else values[i]
+            for values, fill in ((gammas, 1.0), (betas, 0.0))
+            for i in OUT_THEN_RED
+        ]
+        vectors = torch.cat(parts)
+        if vectors.dtype != acc:
+            vectors = vectors.to(acc)
+        gamma_out, gamma_red, beta_out, beta_red = vectors.split_with_sizes(split)
+        eps_all = constant_vector(
+            tuple(eps[i] for i in OUT_THEN_RED), sizes, acc, device
+        )
+        eps_out, eps_red = eps_all.split_with_sizes(split[:2])
         return cls(
-            gamma_out=vector(gammas, 1.0, out_idx),
-            beta_out=vector(betas, 0.0, out_idx),
-            eps_out=eps_vector(out_idx),
-            gamma_red=vector(gammas, 1.0, red_idx),
-            beta_red=vector(betas, 0.0, red_idx),
-            eps_red=eps_vector(red_idx),
+            gamma_out=gamma_out,
+            beta_out=beta_out,
+            eps_out=eps_out,
+            gamma_red=gamma_red,
+            beta_red=beta_red,
+            eps_red=eps_red,
             running_mean=list(running_mean),
             running_var=list(running_var),
             num_batches_tracked=list(num_batches_tracked),
@@ -213,15 +267,16 @@ class BNParams:
         if blocks[0].bn is None:
             return None
         bns = [b.bn for b in blocks]
-        return cls.build(
-            gammas=[bn.weight for bn in bns],
-            betas=[bn.bias for bn in bns],
-            eps=[bn.eps for bn in bns],
-            running_mean=[bn.running_mean for bn in bns],
-            running_var=[bn.running_var for bn in bns],
-            num_batches_tracked=[bn.num_batches_tracked for bn in bns],
-            momentum=[bn.momentum for bn in bns],
-            channels=[bn.num_features for bn in bns],
-            device=blocks[0].conv.weight.device,
-            dtype=dtype,
-        )
+        with torch.no_grad():
+            return cls.build(
+                gammas=[bn.weight for bn in bns],
+                betas=[bn.bias for bn in bns],
+                eps=[bn.eps for bn in bns],
+                running_mean=[bn.running_mean for bn in bns],
+                running_var=[bn.running_var for bn in bns],
+                num_batches_tracked=[bn.num_batches_tracked for bn in bns],
+                momentum=[bn.momentum for bn in bns],
+                channels=[bn.num_features for bn in bns],
+                device=blocks[0].conv.weight.device,
+                dtype=dtype,
+            )

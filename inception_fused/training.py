@@ -11,16 +11,22 @@ calls :func:`fused_train_forward`.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import weakref
+from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
 from .eval_op import unobserved
+from .fold_cache import structure_version
 from .folding import (
     BNParams,
     FoldedInception,
     accumulator_dtype,
+    constant_vector,
     conv_blocks,
+    pack_stem,
     pack_weight,
 )
 from .kernels.launch import on_device
@@ -35,29 +41,43 @@ CPU_INTERPRETER_DTYPES = (torch.float32, torch.float64)
 def _pack(
     conv_weights: list[Tensor], conv_biases: list[Tensor | None], dtype: torch.dtype
 ) -> FoldedInception:
-    """FoldedInception with raw weights (as pack_raw_inception) from flat tensors."""
+    """FoldedInception with raw weights (as pack_raw_inception) from flat tensors: four
+    copies (the three stem convs in one), and shared zero vectors for absent biases."""
     acc = accumulator_dtype(dtype)
-    packed = [pack_weight(w.detach(), dtype) for w in conv_weights]
+    device = conv_weights[0].device
     biases = [
-        torch.zeros(w.shape[0], dtype=acc, device=w.device)
+        constant_vector((0.0,), (w.shape[0],), acc, device)
         if b is None
-        else b.detach().to(acc)
+        else (b if b.dtype == acc else b.to(acc))
         for w, b in zip(conv_weights, conv_biases, strict=True)
     ]
+    if conv_biases[0] is None and conv_biases[1] is None and conv_biases[2] is None:
+        c_stem = sum(w.shape[0] for w in conv_weights[:3])
+        stem_b = constant_vector((0.0,), (c_stem,), acc, device)
+    else:
+        stem_b = torch.cat(biases[:3])
     return FoldedInception(
-        stem_w=torch.cat(packed[:3], 1),
-        stem_b=torch.cat(biases[:3]),
-        pool_w=packed[5],
+        stem_w=pack_stem(conv_weights[:3], dtype),
+        stem_b=stem_b,
+        pool_w=pack_weight(conv_weights[5], dtype),
         pool_b=biases[5],
-        w3=packed[3],
+        w3=pack_weight(conv_weights[3], dtype),
         b3=biases[3],
-        w5=packed[4],
+        w5=pack_weight(conv_weights[4], dtype),
         b5=biases[4],
         c1=conv_weights[0].shape[0],
         r3=conv_weights[1].shape[0],
         k3=conv_weights[3].shape[-1],
         k5=conv_weights[4].shape[-1],
     )
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off inside the ops' bodies (the kernels pick their own dtypes); entered
+    only where it is on, as a context costs microseconds."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _bn_params(
@@ -105,16 +125,15 @@ def _packed_forward(
     the backward needs of them: an eager backward takes them instead of repacking)."""
     momenta = [None if c else m for m, c in zip(momentum, cumulative, strict=True)]
     running = (running_mean, running_var, num_batches_tracked) if running_mean else None
-    with torch.autocast(x.device.type, enabled=False), on_device(x):
+    with _autocast_off(x.device.type), on_device(x):
         w = _pack(conv_weights, conv_biases, x.dtype)
         bn = _bn_params(
             conv_weights, bn_weights, bn_biases, eps, running, momenta, x.dtype
         )
         f = train_forward(x, w, bn, batch_stats)
-    if bn is None:
-        stats = x.new_empty(0, dtype=accumulator_dtype(x.dtype))
-    else:
-        stats = torch.cat([f.mean_out, f.invstd_out, f.mean_red, f.invstd_red])
+    stats = f.stats
+    if stats is None:
+        stats = torch.empty(0, dtype=accumulator_dtype(x.dtype), device=x.device)
     return f.out, f.z_out, f.z_red, stats, w, bn
 
 
@@ -136,8 +155,8 @@ def _train_forward_op(
     cumulative: list[bool],
     batch_stats: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out, z_out, z_red, stats): stats = [mean_out | invstd_out | mean_red | invstd_red]
-    in one vector (outputs of an op may not alias one another), empty without BN.
+    """(out, z_out, z_red, stats): stats = [mean | invstd], each over [C_out | r3 + r5]
+    (TrainForward.stats), empty without BN.
 
     Per-layer lists in BLOCK_ORDER. ``eps`` empty: no BatchNorm (batch_norm=False).
     Running-stat lists: six tensors, or empty when the BNs do not track running stats.
@@ -183,22 +202,16 @@ def _packed_backward(
     stats: Tensor,
     batch_stats: bool,
     needs_input_grad: bool,
-) -> list[Tensor]:
-    """The backward op's result from packed weights and BN vectors (biases and running
-    statistics unused)."""
-    with torch.autocast(x.device.type, enabled=False), on_device(x):
-        c_out, c_red = z_out.shape[1], z_red.shape[1]
-        vectors = (
-            stats.split([c_out, c_out, c_red, c_red]) if bn is not None else (None,) * 4
+) -> FlatGrads:
+    """The gradients from packed weights and BN vectors (biases and running statistics
+    unused); grad_x None when not needed."""
+    if grad_out.dtype != x.dtype:
+        grad_out = grad_out.to(x.dtype)
+    with _autocast_off(x.device.type), on_device(x):
+        saved = TrainForward.viewing(None, z_out, z_red, None if bn is None else stats)
+        return train_backward_flat(
+            grad_out, x, w, bn, batch_stats, saved, needs_input_grad
         )
-        saved = TrainForward(None, z_out, z_red, *vectors)  # out: unused here
-        flat = train_backward_flat(
-            grad_out.to(x.dtype), x, w, bn, batch_stats, saved, needs_input_grad
-        )
-    grad_x = flat.grad_x if needs_input_grad else x.new_empty(0)
-    # aten picks the conv weight grads' memory format; the op promises contiguous ones.
-    flat = flat._replace(w3=flat.w3.contiguous(), w5=flat.w5.contiguous())
-    return [grad_x, *flat[1:]]
 
 
 @torch.library.custom_op("inception_fused::train_backward", mutates_args=())
@@ -216,14 +229,18 @@ def _train_backward_op(
     needs_input_grad: bool,
 ) -> list[Tensor]:
     """The FlatGrads fields as a list; grad_x is empty when not needed."""
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x.device.type):
         w = _pack(conv_weights, [None] * 6, x.dtype)
         bn = _bn_params(
             conv_weights, bn_weights, bn_biases, eps, None, [None] * 6, x.dtype
         )
-    return _packed_backward(
+    flat = _packed_backward(
         grad_out, x, w, bn, z_out, z_red, stats, batch_stats, needs_input_grad
     )
+    grad_x = flat.grad_x if needs_input_grad else x.new_empty(0)
+    # aten picks the conv weight grads' memory format; the op promises contiguous ones.
+    w3, w5 = flat.w3.contiguous(), flat.w5.contiguous()
+    return [grad_x, flat.stem_w, w3, w5, *flat[4:]]
 
 
 @_train_backward_op.register_fake
@@ -247,7 +264,7 @@ def _(
 def _cast(grads: list[Tensor | None], like: list[Tensor | None]) -> list:
     """Each grad in its parameter's dtype; None where the parameter does not exist."""
     return [
-        None if p is None or g is None else g.to(p.dtype)
+        None if p is None or g is None else g if g.dtype == p.dtype else g.to(p.dtype)
         for g, p in zip(grads, like, strict=True)
     ]
 
@@ -292,7 +309,7 @@ class _InceptionTrain(torch.autograd.Function):
         needs_x = ctx.needs_input_grad[1]
         # Through the op while tracing, or to raise on double backward (create_graph).
         if ctx.packed and unobserved(grad_out) and not torch.is_grad_enabled():
-            grads = _packed_backward(
+            flat = _packed_backward(
                 grad_out, x, *ctx.packed, z_out, z_red, stats, ctx.batch_stats,
                 needs_x,
             )  # fmt: skip
@@ -302,9 +319,9 @@ class _InceptionTrain(torch.autograd.Function):
                 params[18:24] if has_bn else [], ctx.eps, z_out, z_red, stats,
                 ctx.batch_stats, needs_x,
             )  # fmt: skip
+            # Not NamedTuple._replace: torch 2.7's dynamo refuses it (fullgraph).
+            flat = FlatGrads(grads[0] if needs_x else None, *grads[1:])
         ctx.packed = None
-        # Not NamedTuple._replace: torch 2.7's dynamo refuses to trace it (fullgraph).
-        flat = FlatGrads(grads[0] if needs_x else None, *grads[1:])
         grads = split_grads(
             flat,
             conv_weights[0].shape[0],
@@ -333,14 +350,66 @@ _train_backward_op.register_autograd(
 )
 
 
+_Dicts = tuple[tuple[nn.Module, dict], ...]
+
+
+class _TrainLayout(NamedTuple):
+    """Which submodules and tensor dicts the train path reads (structure only: the
+    tensors and BN settings themselves are read afresh on every call)."""
+
+    structure: int
+    convs: _Dicts  # (conv, its parameter dict), BLOCK_ORDER
+    bns: tuple[nn.Module, ...]  # the six BatchNorms; () with batch_norm=False
+    bn_params: _Dicts
+    bn_buffers: _Dicts
+
+
+_layouts: weakref.WeakKeyDictionary[nn.Module, _TrainLayout] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _read_layout(module: InceptionModule) -> _TrainLayout:
+    blocks = conv_blocks(module)
+    bns = () if blocks[0].bn is None else tuple(b.bn for b in blocks)
+    return _TrainLayout(
+        structure_version(),
+        tuple((b.conv, b.conv._parameters) for b in blocks),
+        bns,
+        tuple((bn, bn._parameters) for bn in bns),
+        tuple((bn, bn._buffers) for bn in bns),
+    )
+
+
+def _read(dicts: _Dicts, name: str) -> list[Tensor | None]:
+    """Each module's tensor ``name``, from its dict where it is there (a dict lookup),
+    else through the module (a parametrized weight, computed on access)."""
+    return [d[name] if name in d else getattr(m, name) for m, d in dicts]
+
+
+def _train_layout(module: InceptionModule) -> _TrainLayout:
+    """The module's layout, looked up again when any module anywhere registered a
+    parameter, buffer or submodule (fold_cache.structure_version); read afresh while
+    tracing (a graph cannot check a cache)."""
+    if torch.compiler.is_compiling():
+        return _read_layout(module)
+    layout = _layouts.get(module)
+    if layout is None or layout.structure != structure_version():
+        layout = _layouts[module] = _read_layout(module)
+    return layout
+
+
 def bn_batch_stats(module: InceptionModule) -> bool | None:
     """Whether the BNs normalise with batch statistics (train mode, or no running stats);
     None when the six layers disagree (the fused op serves one mode for all of them)."""
-    bns = [b.bn for b in conv_blocks(module)]
-    if bns[0] is None:
+    layout = _train_layout(module)
+    if not layout.bns:
         return module.training
-    modes = {bn.training or bn.running_mean is None for bn in bns}
-    tracking = {bn.running_mean is not None for bn in bns}
+    running = _read(layout.bn_buffers, "running_mean")
+    modes = {
+        bn.training or r is None for bn, r in zip(layout.bns, running, strict=True)
+    }
+    tracking = {r is not None for r in running}
     return modes.pop() if len(modes) == 1 and len(tracking) == 1 else None
 
 
@@ -356,7 +425,7 @@ def fused_train_forward(
     """
     device_type = x.device.type
     dtype = out_dtype = x.dtype
-    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
         out_dtype = torch.get_autocast_dtype(device_type)
         dtype = x.dtype if device_type == "cpu" else out_dtype
     if device_type == "cpu" and dtype not in CPU_INTERPRETER_DTYPES:
@@ -364,33 +433,36 @@ def fused_train_forward(
             f"the Triton interpreter on CPU runs float32 and float64, got {dtype}"
         )
     n, _, h, w = x.shape
-    blocks = conv_blocks(module)
-    bns = [b.bn for b in blocks]
-    if bns[0] is not None and batch_stats and n * h * w <= 1:
+    layout = _train_layout(module)
+    bns = layout.bns
+    if bns and batch_stats and n * h * w <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size "
             f"{tuple(x.shape)}"
         )
-    has_bn = bns[0] is not None
-    tracked = has_bn and bns[0].running_mean is not None
-    none6 = [None] * 6
+    buffers = layout.bn_buffers
+    running_mean = _read(buffers, "running_mean")
+    tracked = bool(bns) and running_mean[0] is not None
     bn_args = {
-        "eps": [bn.eps for bn in bns] if has_bn else [],
-        "momentum": [bn.momentum or 0.0 for bn in bns] if has_bn else [],
-        "cumulative": [bn.momentum is None for bn in bns] if has_bn else [],
-        "running_mean": [bn.running_mean for bn in bns] if tracked else [],
-        "running_var": [bn.running_var for bn in bns] if tracked else [],
-        "num_batches_tracked": [bn.num_batches_tracked for bn in bns]
-        if tracked
-        else [],
+        "eps": [bn.eps for bn in bns],
+        "momentum": [bn.momentum or 0.0 for bn in bns],
+        "cumulative": [bn.momentum is None for bn in bns],
+        "running_mean": running_mean if tracked else [],
+        "running_var": _read(buffers, "running_var") if tracked else [],
+        "num_batches_tracked": _read(buffers, "num_batches_tracked") if tracked else [],
         "batch_stats": batch_stats,
     }
+    # Conv parameters in the compute dtype (autograd casts their grads back).
+    convs = [
+        t if t is None or t.dtype == dtype else t.to(dtype)
+        for name in ("weight", "bias")
+        for t in _read(layout.convs, name)
+    ]
+    affine = [t for name in ("weight", "bias") for t in _read(layout.bn_params, name)]
     out = _InceptionTrain.apply(
         bn_args,
-        x.to(dtype),
-        *(b.conv.weight.to(dtype) for b in blocks),
-        *(None if b.conv.bias is None else b.conv.bias.to(dtype) for b in blocks),
-        *([bn.weight for bn in bns] if has_bn else none6),
-        *([bn.bias for bn in bns] if has_bn else none6),
+        x if x.dtype == dtype else x.to(dtype),
+        *convs,
+        *(affine or [None] * 12),
     )
-    return out.to(out_dtype)
+    return out if out.dtype == out_dtype else out.to(out_dtype)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from ..folding import BNParams, FoldedInception
 from .input_grad import launch_input_grad
@@ -55,13 +54,13 @@ class FlatGrads(NamedTuple):
     sum_dyx_red: torch.Tensor
 
 
-def _conv_weight_grad(
-    dz: torch.Tensor, act: torch.Tensor, packed: torch.Tensor, ks: int
-) -> torch.Tensor:
+def _conv_weight_grad(dz: torch.Tensor, act: torch.Tensor, ks: int) -> torch.Tensor:
     """Weight grad [C_out, C_in, ks, ks] of a 'same' conv from NCHW-indexed views."""
-    # aten reads only the weight's shape and layout here; a contiguous copy (small) keeps
-    # slow_conv2d from rejecting the permuted view when C_out == 1.
-    weight = packed.view(ks, ks, -1, packed.shape[1]).permute(3, 2, 0, 1).contiguous()
+    # Asked for the weight grad only, aten reads the weight's shape and nothing else: an
+    # uninitialised contiguous one (no copy; slow_conv2d rejects non-contiguous ones).
+    weight = torch.empty(
+        (dz.shape[1], act.shape[1], ks, ks), dtype=dz.dtype, device=dz.device
+    )
     _, grad_w, _ = torch.ops.aten.convolution_backward(
         dz, act, weight, None, [1, 1], [ks // 2] * 2, [1, 1], False, [0, 0], 1,
         [False, True, False],
@@ -128,24 +127,23 @@ def train_backward_flat(
 
     # Weight grads: views of G against x, the pooled x and the recomputed reduce activations.
     rows = x.permute(0, 2, 3, 1).reshape(m, c_in)
-    pooled = F.max_pool2d(x, 3, 1, 1).permute(0, 2, 3, 1).reshape(m, c_in)
+    pooled = torch.max_pool2d(x, 3, 1, 1).permute(0, 2, 3, 1).reshape(m, c_in)
     z_red = saved.z_red
     if bn is None:
-        a_red = torch.relu(z_red)
-    else:
-        a_red = torch.relu(
-            (z_red.to(saved.mean_red.dtype) - saved.mean_red)
-            * (saved.invstd_red * bn.gamma_red)
-            + bn.beta_red
-        ).to(dtype)
-    nchw = (0, 3, 1, 2)
-    a_red = a_red.view(n, h, wd, r).permute(nchw)
-    g4 = g.unflatten(0, (n, h, wd)).permute(nchw)
+        a_red = z_red.clamp_min(0)  # relu: NaN stays NaN
+    else:  # beta + (z - mean) * invstd * gamma, in the statistics' dtype
+        scale = saved.invstd_red * bn.gamma_red
+        a_red = torch.addcmul(bn.beta_red, z_red - saved.mean_red, scale).clamp_min_(0)
+        if a_red.dtype != dtype:
+            a_red = a_red.to(dtype)
+    # NCHW-indexed views of the [M, C] matrices.
+    a_red = a_red.as_strided((n, r, h, wd), (h * wd * r, 1, wd * r, r))
+    g4 = g.as_strided((n, gc, h, wd), g_strides)
     return FlatGrads(
         grad_x=grad_x,
         stem_w=g[:, :col3].t() @ rows,
-        w3=_conv_weight_grad(g4[:, col3 : col3 + c3], a_red[:, :r3], w.w3, k3),
-        w5=_conv_weight_grad(g4[:, col3 + c3 : pool_col], a_red[:, r3:], w.w5, k5),
+        w3=_conv_weight_grad(g4[:, col3 : col3 + c3], a_red[:, :r3], k3),
+        w5=_conv_weight_grad(g4[:, col3 + c3 : pool_col], a_red[:, r3:], k5),
         pool_w=g[:, pool_col:].t() @ pooled,
         sum_dy_out=sums_out[0],
         sum_dyx_out=sums_out[1],
@@ -157,27 +155,18 @@ def train_backward_flat(
 def split_grads(flat: FlatGrads, c1: int, r3: int, has_bn: bool) -> InceptionGrads:
     """Per-layer views (no copies) of the flat gradients, in BLOCK_ORDER."""
     c3, c5 = flat.w3.shape[0], flat.w5.shape[0]
-    stem = flat.stem_w
-    c_in = stem.shape[1]
+    c_stem, c_in = flat.stem_w.shape
+    r5 = c_stem - c1 - r3
+    out_sizes = [c1, c3, c5, flat.pool_w.shape[0]]
 
     def per_layer(out: torch.Tensor, red: torch.Tensor) -> list[torch.Tensor]:
-        return [
-            out[:c1],
-            red[:r3],
-            red[r3:],
-            out[c1 : c1 + c3],
-            out[c1 + c3 : c1 + c3 + c5],
-            out[c1 + c3 + c5 :],
-        ]
+        b1, conv3, conv5, pool = out.split_with_sizes(out_sizes)
+        red3, red5 = red.split_with_sizes([r3, r5])
+        return [b1, red3, red5, conv3, conv5, pool]
 
-    conv_weight = [
-        stem[:c1].view(c1, c_in, 1, 1),
-        stem[c1 : c1 + r3].view(r3, c_in, 1, 1),
-        stem[c1 + r3 :].view(-1, c_in, 1, 1),
-        flat.w3,
-        flat.w5,
-        flat.pool_w.view(-1, c_in, 1, 1),
-    ]
+    b1, red3, red5 = flat.stem_w.view(c_stem, c_in, 1, 1).split_with_sizes([c1, r3, r5])
+    pool = flat.pool_w.view(-1, c_in, 1, 1)
+    conv_weight = [b1, red3, red5, flat.w3, flat.w5, pool]
     # The column sums are dbeta (or, without BN, the conv bias grad) and dgamma.
     sum_dy = per_layer(flat.sum_dy_out, flat.sum_dy_red)
     if not has_bn:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..folding import BLOCK_ORDER, BNParams, FoldedInception, accumulator_dtype
+from ..folding import OUT_THEN_RED, BNParams, FoldedInception, accumulator_dtype
 from .batch_norm import bn_relu_pass, finalize_stats
 from .launch import ceil_div, compiled_for_gpu
 from .pointwise import launch_pointwise
@@ -31,29 +31,33 @@ from .tiles import rows_per_tile
 class TrainForward:
     """What the train forward returns: the output and what the backward needs."""
 
-    out: torch.Tensor  # [N, C_out, H, W] channels_last, x.dtype: relu(bn(z)) or relu(z)
-    z_out: (
-        torch.Tensor
-    )  # [M, C_out] row-major, x.dtype: pre-BN conv outputs, output order
+    out: torch.Tensor | None  # [N, C_out, H, W] channels_last, x.dtype: relu(bn(z))
+    z_out: torch.Tensor  # [M, C_out] row-major, x.dtype: pre-BN conv outputs
     z_red: torch.Tensor  # [M, r3 + r5] row-major, x.dtype: pre-BN reduce conv outputs
     mean_out: torch.Tensor | None  # [C_out] accumulator dtype; None without BN
     invstd_out: torch.Tensor | None  # [C_out]
     mean_red: torch.Tensor | None  # [r3 + r5]
     invstd_red: torch.Tensor | None  # [r3 + r5]
+    # [mean | invstd], each over [C_out | r3 + r5]: the one buffer the four vectors
+    # above view (what the autograd op saves); None without BN.
+    stats: torch.Tensor | None = None
 
-
-def _channel_ranges(w: FoldedInception, c_out: int) -> dict[str, tuple[int, int]]:
-    """Each BN layer's (first column, width) in the statistics vectors [C_out | r3 + r5]."""
-    c3, c5 = w.w3.shape[1], w.w5.shape[1]
-    c_red = w.stem_w.shape[1] - w.c1
-    return {
-        "branch1": (0, w.c1),
-        "red3": (c_out, w.r3),
-        "red5": (c_out + w.r3, c_red - w.r3),
-        "conv3": (w.c1, c3),
-        "conv5": (w.c1 + c3, c5),
-        "pool": (w.c1 + c3 + c5, w.pool_w.shape[1]),
-    }
+    @classmethod
+    def viewing(
+        cls,
+        out: torch.Tensor | None,
+        z_out: torch.Tensor,
+        z_red: torch.Tensor,
+        stats: torch.Tensor | None,
+    ) -> TrainForward:
+        """The fields from ``stats`` (None without BN)."""
+        if stats is None:
+            return cls(out, z_out, z_red, None, None, None, None)
+        c_out, c_red = z_out.shape[1], z_red.shape[1]
+        mean_out, mean_red, invstd_out, invstd_red = stats.split_with_sizes(
+            [c_out, c_red, c_out, c_red]
+        )
+        return cls(out, z_out, z_red, mean_out, invstd_out, mean_red, invstd_red, stats)
 
 
 def _check_inputs(
@@ -91,23 +95,34 @@ def _check_inputs(
         )
 
 
+# Where each BLOCK_ORDER layer sits among the pieces in the kernels' channel order.
+_SPLIT_POSITION = tuple(OUT_THEN_RED.index(i) for i in range(len(OUT_THEN_RED)))
+
+
+def _for_layers(
+    parts: tuple[torch.Tensor, ...], layers: list[int], like: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Per-layer pieces in the kernels' channel order (OUT_THEN_RED), picked for the
+    BLOCK_ORDER ``layers``, each in its ``like`` buffer's dtype."""
+    picked = [parts[_SPLIT_POSITION[i]] for i in layers]
+    return [
+        t if t.dtype == r.dtype else t.to(r.dtype)
+        for t, r in zip(picked, like, strict=True)
+    ]
+
+
 def _running_stat_vectors(
-    bn: BNParams, ranges: dict[str, tuple[int, int]], c_total: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
+    bn: BNParams, mean: torch.Tensor, invstd: torch.Tensor
+) -> None:
     """mean and invstd over [C_out | r3 + r5] from the layers' running statistics."""
-    mean = torch.empty(c_total, dtype=dtype, device=bn.gamma_out.device)
-    var = torch.empty_like(mean)
-    for i, name in enumerate(BLOCK_ORDER):
-        lo, size = ranges[name]
-        mean[lo : lo + size] = bn.running_mean[i]
-        var[lo : lo + size] = bn.running_var[i]
-    eps = torch.cat([bn.eps_out, bn.eps_red])
-    return mean, torch.rsqrt(var + eps)
+    torch.cat([bn.running_mean[i] for i in OUT_THEN_RED], out=mean)
+    var = torch.cat([bn.running_var[i] for i in OUT_THEN_RED]).to(mean.dtype)
+    torch.rsqrt(var + torch.cat([bn.eps_out, bn.eps_red]), out=invstd)
 
 
 def _update_running_stats(
     bn: BNParams,
-    ranges: dict[str, tuple[int, int]],
+    sizes: list[int],
     mean: torch.Tensor,
     var_unbiased: torch.Tensor,
 ) -> None:
@@ -117,33 +132,27 @@ def _update_running_stats(
     separate tensors, possibly of another dtype than the statistics, and the update is a
     few vectors of at most C_out elements. In the usual case (one float momentum for all
     layers) it is three foreach ops; otherwise layer by layer, where a tensor weight keeps
-    momentum=None (1 / num_batches_tracked) free of a host synchronisation.
+    momentum=None (1 / num_batches_tracked) free of a host synchronisation. ``sizes``:
+    the layers' widths in the statistics' channel order (OUT_THEN_RED).
     """
-    layers = [
-        (i, name)
-        for i, name in enumerate(BLOCK_ORDER)
-        if bn.running_mean[i] is not None  # else track_running_stats=False
-    ]
-    if not layers:
+    layers = [i for i, rm in enumerate(bn.running_mean) if rm is not None]
+    if not layers:  # track_running_stats=False
         return
-    running_means = [bn.running_mean[i] for i, _ in layers]
-    running_vars = [bn.running_var[i] for i, _ in layers]
-    batch_means, batch_vars = [], []
-    for k, (_, name) in enumerate(layers):
-        lo, size = ranges[name]
-        batch_means.append(mean[lo : lo + size].to(running_means[k].dtype))
-        batch_vars.append(var_unbiased[lo : lo + size].to(running_vars[k].dtype))
-    tracked = [bn.num_batches_tracked[i] for i, _ in layers]
+    running_means = [bn.running_mean[i] for i in layers]
+    running_vars = [bn.running_var[i] for i in layers]
+    batch_means = _for_layers(mean.split_with_sizes(sizes), layers, running_means)
+    batch_vars = _for_layers(var_unbiased.split_with_sizes(sizes), layers, running_vars)
+    tracked = [bn.num_batches_tracked[i] for i in layers]
     counters = [t for t in tracked if t is not None]
     if counters:
         torch._foreach_add_(counters, 1)
-    momenta = {bn.momentum[i] for i, _ in layers}
+    momenta = {bn.momentum[i] for i in layers}
     if len(momenta) == 1 and None not in momenta:
         momentum = momenta.pop()
         torch._foreach_lerp_(running_means, batch_means, momentum)
         torch._foreach_lerp_(running_vars, batch_vars, momentum)
         return
-    for k, (i, _) in enumerate(layers):
+    for k, i in enumerate(layers):
         momentum = bn.momentum[i]
         if momentum is not None:
             factor: float | torch.Tensor = momentum
@@ -175,6 +184,7 @@ def train_forward(
     c3, c5, c_pool = w.w3.shape[1], w.w5.shape[1], w.pool_w.shape[1]
     c_red = w.stem_w.shape[1] - w.c1
     c_out = w.c1 + c3 + c5 + c_pool
+    c_all = c_out + c_red
     acc = accumulator_dtype(x.dtype)
     dev = x.device
     out = torch.empty(
@@ -182,38 +192,29 @@ def train_forward(
     )
     z_out = torch.empty((m, c_out), device=dev, dtype=x.dtype)
     z_red = torch.empty((m, c_red), device=dev, dtype=x.dtype)
-    ranges = _channel_ranges(w, c_out)
-    stats = bn is not None and batch_stats
-    mean = invstd = None
-    if bn is not None:
-        if batch_stats:
-            mean = torch.empty(c_out + c_red, device=dev, dtype=acc)
-            invstd = torch.empty_like(mean)
-            var_unbiased = torch.empty_like(mean)
-        else:
-            mean, invstd = _running_stat_vectors(bn, ranges, c_out + c_red, acc)
-    result = TrainForward(
-        out,
-        z_out,
-        z_red,
-        *(
-            (mean[:c_out], invstd[:c_out], mean[c_out:], invstd[c_out:])
-            if mean is not None
-            else (None,) * 4
-        ),
-    )
+    stats = None if bn is None else torch.empty(2 * c_all, device=dev, dtype=acc)
+    result = TrainForward.viewing(out, z_out, z_red, stats)
+    if stats is not None:
+        mean, invstd = stats.split_with_sizes([c_all, c_all])
+        if not batch_stats:
+            _running_stat_vectors(bn, mean, invstd)
     if m == 0:
         return result
 
     rows = rows_per_tile(x.dtype, m, compiled_for_gpu(x))
     partials = None
-    if stats:
-        shape = (ceil_div(m, rows), c_out + c_red)
+    batch = bn is not None and batch_stats
+    if batch:
+        shape = (ceil_div(m, rows), c_all)
         partials = (
             torch.empty(shape, device=dev, dtype=acc),
             torch.empty(shape, device=dev, dtype=acc),
         )
-    z_out_4d = z_out.view(n, h, wd, c_out).permute(0, 3, 1, 2)  # launchers' NCHW view
+        var_unbiased = torch.empty(c_all, device=dev, dtype=acc)
+    # The launchers' NCHW view of z_out.
+    z_out_4d = z_out.as_strided(
+        (n, c_out, h, wd), (h * wd * c_out, 1, wd * c_out, c_out)
+    )
     launch_pointwise(
         x,
         w.stem_w,
@@ -226,7 +227,7 @@ def train_forward(
         train=True,
         partials=partials,
     )
-    if stats:
+    if batch:
         stats_out = (mean, invstd, var_unbiased)
         finalize_stats(partials, bn.eps_red, *stats_out, m, rows, c_out, c_red)
     red_bn = None
@@ -247,9 +248,10 @@ def train_forward(
         red_bn=red_bn,
         partials=partials,
     )
-    if stats:
+    if batch:
         finalize_stats(partials, bn.eps_out, *stats_out, m, rows, 0, c_out)
-        _update_running_stats(bn, ranges, mean, var_unbiased)
+        sizes = [w.c1, c3, c5, c_pool, w.r3, c_red - w.r3]
+        _update_running_stats(bn, sizes, mean, var_unbiased)
     out_bn = None
     if bn is not None:
         out_bn = (result.mean_out, result.invstd_out, bn.gamma_out, bn.beta_out)
