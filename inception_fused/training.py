@@ -442,7 +442,8 @@ def fused_train_forward(
         )
     buffers = layout.bn_buffers
     running_mean = _read(buffers, "running_mean")
-    tracked = bool(bns) and running_mean[0] is not None
+    # len(), not bool(): torch 2.7's Dynamo cannot trace bool() of a tuple (fullgraph).
+    tracked = len(bns) > 0 and running_mean[0] is not None
     bn_args = {
         "eps": [bn.eps for bn in bns],
         "momentum": [bn.momentum or 0.0 for bn in bns],
