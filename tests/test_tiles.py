@@ -187,7 +187,9 @@ def test_every_candidate_computes_the_same_on_the_gpu(monkeypatch, dtype):
     x = torch.randn(8, 192, 28, 28, device=DEVICE, dtype=dtype)
     grad_out = torch.randn(8, 256, 28, 28, device=DEVICE, dtype=dtype)
     fused = FusedInceptionModule.from_module(ref)
-    for bn in fused.modules():  # train steps leave the running statistics (eval's) as are
+    for (
+        bn
+    ) in fused.modules():  # train steps leave the running statistics (eval's) as are
         if isinstance(bn, torch.nn.BatchNorm2d):
             bn.momentum = 0.0
 

@@ -74,7 +74,9 @@ def rule(key: TileKey, on_gpu: bool) -> TileConfig:
         if on_gpu:  # four [BLOCK_M, BLOCK_N] tiles live at once (fp64: 16 columns,
             # or Triton 3.6 spills 8 B)
             block_n = cfg.block_n if cfg.use_dot else 16
-            return dataclasses.replace(cfg, block_m=min(cfg.block_m, 64), block_n=block_n)
+            return dataclasses.replace(
+                cfg, block_m=min(cfg.block_m, 64), block_n=block_n
+            )
         # interpreter: fewer, wider programs (fp64's [256, 16, 256] product is still
         # within Triton's 2**20-element cap)
         return dataclasses.replace(cfg, block_n=pow2_clamp(key.n, 1, 256))
