@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import re
 import subprocess
@@ -251,19 +250,17 @@ def collect(
 def write_table(keys: list[TileKey]) -> None:
     """The committed per-shape tile table: every tensor-core key's current choice,
     keeping an entry's source (a winner measured on a GPU stays one)."""
-    sources = {
-        json.dumps(e["key"], sort_keys=True): e["source"] for e in table_entries()
-    }
-    entries = []
-    for key in keys:
-        cfg = choice(key, True)
-        if cfg.use_dot:
-            ident = json.dumps(key.as_json(), sort_keys=True)
-            default = f"rule; sm_90a --check ok under Triton {triton.__version__}"
-            source = sources.get(ident, default)
-            entries.append(
-                {"key": key.as_json(), "config": asdict(cfg), "source": source}
-            )
+    sources = {TileKey.from_json(e["key"]): e["source"] for e in table_entries()}
+    default = f"rule; sm_90a --check ok under Triton {triton.__version__}"
+    entries = [
+        {
+            "key": key.as_json(),
+            "config": asdict(cfg),
+            "source": sources.get(key, default),
+        }
+        for key in keys
+        if (cfg := choice(key, True)).use_dot
+    ]
     save_table(entries)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from datetime import UTC, datetime
 
@@ -35,10 +34,10 @@ def merge(
     source: str,
 ) -> list[dict]:
     """``entries`` with each tuned key's fastest config (and its time) in place."""
-    merged = {json.dumps(e["key"], sort_keys=True): e for e in entries}
+    merged = {tiles.TileKey.from_json(e["key"]): e for e in entries}
     for key, times in winners.items():
         best = min(times, key=times.get)
-        merged[json.dumps(key.as_json(), sort_keys=True)] = {
+        merged[key] = {
             "key": key.as_json(),
             "config": dataclasses.asdict(best),
             "source": f"{source}: {times[best] * 1e3:.1f} us",

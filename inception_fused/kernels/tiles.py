@@ -44,6 +44,7 @@ DTYPE_NAMES = {
     torch.float32: "fp32",
     torch.float64: "fp64",
 }
+_DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 class TileKey(NamedTuple):
@@ -59,6 +60,10 @@ class TileKey(NamedTuple):
 
     def as_json(self) -> dict:
         return self._asdict() | {"dtype": DTYPE_NAMES[self.dtype]}
+
+    @classmethod
+    def from_json(cls, fields: dict) -> TileKey:
+        return cls(**(fields | {"dtype": _DTYPES_BY_NAME[fields["dtype"]]}))
 
 
 def rule(key: TileKey, on_gpu: bool) -> TileConfig:
@@ -138,10 +143,9 @@ def save_table(entries: list[dict]) -> None:
 @functools.cache
 def table() -> dict[TileKey, TileConfig]:
     """The committed per-shape tiles (GPU only)."""
-    names = {v: k for k, v in DTYPE_NAMES.items()}
     found = {}
     for entry in table_entries():
-        key = TileKey(**(entry["key"] | {"dtype": names[entry["key"]["dtype"]]}))
+        key = TileKey.from_json(entry["key"])
         cfg = TileConfig(**entry["config"])
         if key.mode == "train" and cfg.block_m != rule(key, True).block_m:
             raise ValueError(
