@@ -47,6 +47,14 @@ def test_matches_autograd(dtype, batch_stats, batch_norm):
     check_against_reference(x, dtype, batch_stats, batch_norm=batch_norm)
 
 
+@pytest.mark.parametrize("branch3_kernel", [1, 3, 7])
+def test_branch3_kernel_sizes(branch3_kernel):
+    # The data-gradient conv reads each branch's packed kernel flipped in place, from its
+    # last tap: kernel sizes other than the 3x3 branch's, and equal to it.
+    x = torch.randn(2, 20, 6, 5)
+    check_against_reference(x, torch.float64, branch3_kernel=branch3_kernel)
+
+
 @pytest.mark.parametrize(
     "make_x",
     [

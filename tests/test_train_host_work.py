@@ -49,10 +49,11 @@ def assert_same_step(fused, ref, x):
 
 # Upper bounds per call of the fused 3a train step at batch 1 (BN, batch statistics,
 # grads set to None before the step). Before the host-work cuts: forward 86 ops (30
-# launching), backward 109 (20).
+# launching), backward 109 (20); then 90 (17) while the backward repacked the weights
+# (flipped w3/w5, transposed stem/pool) and recomputed the reduce activations in torch.
 BUDGET = {
     "train-fwd": {"aten_ops": 32, "aten_launches": 8, "triton_launches": 6},
-    "train-bwd": {"aten_ops": 92, "aten_launches": 17, "triton_launches": 7},
+    "train-bwd": {"aten_ops": 67, "aten_launches": 7, "triton_launches": 7},
 }
 
 

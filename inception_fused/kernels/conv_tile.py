@@ -3,7 +3,10 @@
 A tile is BLOCK_M output pixels × BLOCK_N output channels. A KSxKS 'same' conv over an
 NHWC-strided input is a GEMM whose K dimension runs over (tap, input channel); a 1x1 conv is
 the KS=1 case, and the pool projection is the KS=1 case with a 3x3/s1/p1 max taken while the
-input tile is loaded, so the pooled tensor never exists in memory.
+input tile is loaded, so the pooled tensor never exists in memory. The weight is read
+through strides: the forward passes its packed [KS*KS*C_in, C_out] matrix (C_in rows per
+tap, row stride C_out), the backward the same matrix flipped or transposed in place, so no
+gradient step repacks a weight.
 
 Train mode adds two switches: a prologue that applies the producing layer's BN+ReLU to the
 input while loading it (the 3x3/5x5 convs read pre-activation reduce outputs), and an
@@ -29,9 +32,11 @@ def conv_tile(
     W,
     C_in,
     w_ptr,
+    w_tap_rows,
+    w_s_k,
+    w_s_n,  # weight [KS*KS, C_in, n]: (tap * w_tap_rows + k) * w_s_k + n * w_s_n
     cols,
-    col_ok,  # packed weight [KS*KS*C_in, n_cols] with row stride n_cols
-    n_cols,
+    col_ok,
     KS,  # odd kernel size, 'same' padding; a runtime value so one grid serves 3x3 and 5x5
     in_mean_ptr,
     in_invstd_ptr,
@@ -101,7 +106,9 @@ def conv_tile(
                         ACC_DTYPE,
                     )
             b = tl.load(
-                w_ptr + (tap * C_in + kk)[:, None] * n_cols + cols[None, :],
+                w_ptr
+                + (tap * w_tap_rows + kk)[:, None] * w_s_k
+                + cols[None, :] * w_s_n,
                 mask=k_ok[:, None] & col_ok[None, :],
                 other=0.0,
             )
@@ -117,14 +124,15 @@ def conv_tile(
 @triton.jit
 def stored_conv_tile(
     x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, n, oh, ow, row_ok, H, W, C_in,
-    w_ptr, cols, col_ok, n_cols, KS, POOL: tl.constexpr, BLOCK_M: tl.constexpr,
+    w_ptr, w_tap_rows, w_s_k, w_s_n, cols, col_ok, KS, POOL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
     """conv_tile of an input read as stored: no BN/ReLU prologue, so no BN vectors."""
     return conv_tile(
         x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, n, oh, ow, row_ok, H, W, C_in,
-        w_ptr, cols, col_ok, n_cols, KS, w_ptr, w_ptr, w_ptr, w_ptr, POOL, False, False,
+        w_ptr, w_tap_rows, w_s_k, w_s_n, cols, col_ok, KS, w_ptr, w_ptr, w_ptr, w_ptr, POOL,
+        False, False,
         BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, INPUT_PRECISION, ACC_DTYPE,
     )  # fmt: skip
 

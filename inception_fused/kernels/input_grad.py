@@ -73,8 +73,8 @@ def input_grad_kernel(
     GC,
     K_STEM,
     C_POOL,
-    stem_wt_ptr,  # [K_STEM, C_in]
-    pool_wt_ptr,  # [C_POOL, C_in]
+    stem_w_ptr,  # [C_in, K_STEM]: the forward's packed weights, read transposed
+    pool_w_ptr,  # [C_in, C_POOL]
     x_ptr,
     sx_n,
     sx_c,
@@ -101,9 +101,9 @@ def input_grad_kernel(
     col_ok = cols < C_in
     s_n, s_c, s_h, s_w = nhwc_strides(H, W, GC)
     acc = stored_conv_tile(
-        g_ptr, s_n, s_c, s_h, s_w, n, oh, ow, row_ok, H, W, K_STEM, stem_wt_ptr, cols,
-        col_ok, C_in, 1, False, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, INPUT_PRECISION,
-        ACC_DTYPE,
+        g_ptr, s_n, s_c, s_h, s_w, n, oh, ow, row_ok, H, W, K_STEM, stem_w_ptr, 0, 1,
+        K_STEM, cols, col_ok, 1, False, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT,
+        INPUT_PRECISION, ACC_DTYPE,
     )  # fmt: skip
     # Pixel p sits at tap t of the window centred on q = p - (t // 3 - 1, t % 3 - 1); it
     # receives q's pooled gradient in the channels where q's window picked tap t.
@@ -116,8 +116,8 @@ def input_grad_kernel(
             BLOCK_M, BLOCK_N,
         )  # fmt: skip
         dpooled = stored_conv_tile(
-            dz_pool_ptr, s_n, s_c, s_h, s_w, n, qh, qw, q_ok, H, W, C_POOL, pool_wt_ptr,
-            cols, col_ok, C_in, 1, False, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT,
+            dz_pool_ptr, s_n, s_c, s_h, s_w, n, qh, qw, q_ok, H, W, C_POOL, pool_w_ptr, 0,
+            1, C_POOL, cols, col_ok, 1, False, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT,
             INPUT_PRECISION, ACC_DTYPE,
         )  # fmt: skip
         acc += tl.where(best == t, dpooled, 0.0)
@@ -140,12 +140,11 @@ def launch_input_grad(
     cp = w.pool_w.shape[1]
     pool_col = g.shape[1] - cp
     grad_x = torch.empty_like(x)
-    stem_wt, pool_wt = w.stem_w.t().contiguous(), w.pool_w.t().contiguous()
 
     def run(cfg: TileConfig) -> None:
         grid = (ceil_div(m, cfg.block_m), ceil_div(c_in, cfg.block_n))
         input_grad_kernel[grid](
-            g, g[:, pool_col:], g.stride(0), col3, cp, stem_wt, pool_wt, x,
+            g, g[:, pool_col:], g.stride(0), col3, cp, w.stem_w, w.pool_w, x,
             *nchw_strides(x), grad_x, *nchw_strides(grad_x), m, h, wd, c_in,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             USE_DOT=cfg.use_dot, INPUT_PRECISION=input_precision(x.dtype),

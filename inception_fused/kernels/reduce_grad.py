@@ -1,8 +1,9 @@
 """Data gradients of the 3x3 and "5x5" convs into the reduce layers' columns of G.
 
 A 'same' conv's data gradient is the 'same' conv of dz with the flipped, transposed
-kernel: one implicit-GEMM grid over both branches, as in launch B, whose epilogue also
-takes the reduce layers' per-tile ReLU/BN partial sums.
+kernel, read in place from the forward's packed weights: one implicit-GEMM grid over both
+branches, as in launch B, whose epilogue also takes the reduce layers' per-tile ReLU/BN
+partial sums.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..folding import FoldedInception, accumulator_dtype, pack_weight
+from ..folding import FoldedInception, accumulator_dtype, constant_vector
 from .conv_tile import nhwc_strides, stored_conv_tile, tile_pixels
 from .launch import TileConfig, acc_dtype, ceil_div, input_precision
 from .relu_bn_backward import masked_grad, store_partials
@@ -24,8 +25,8 @@ def reduce_grad_kernel(
     dz3_ptr,
     dz5_ptr,  # G's first dz3 and dz5 columns: read
     GC,  # G's row stride
-    w3t_ptr,  # [K3*K3*C3, R3]: conv3's kernel flipped and transposed
-    w5t_ptr,
+    w3_ptr,  # [K3*K3*R3, C3]: conv3's packed kernel, as the forward reads it
+    w5_ptr,
     z_red_ptr,  # [M, R3 + R5]
     mean_ptr,
     invstd_ptr,
@@ -58,8 +59,11 @@ def reduce_grad_kernel(
     is3 = pid_n < tiles3
     c_in = tl.where(is3, C3, C5)
     ks = tl.where(is3, K3, K5)
-    w_ptr = tl.where(is3, w3t_ptr, w5t_ptr)
     n_cols = tl.where(is3, R3, R5)
+    # Tap t, dz channel c, reduce channel r reads the packed [tap, r, c] at the mirrored
+    # tap: the flipped, transposed kernel without a copy.
+    tap_size = n_cols * c_in
+    w_ptr = tl.where(is3, w3_ptr, w5_ptr) + (ks * ks - 1) * tap_size
     red0 = tl.where(is3, 0, R3)
     cols = tl.where(is3, pid_n, pid_n - tiles3) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
@@ -67,8 +71,8 @@ def reduce_grad_kernel(
     # A 'same' conv's data gradient is the 'same' conv of dz with the flipped kernel.
     acc = stored_conv_tile(
         tl.where(is3, dz3_ptr, dz5_ptr), s_n, s_c, s_h, s_w, n, oh, ow, row_ok, H, W,
-        c_in, w_ptr, cols, col_ok, n_cols, ks, False, BLOCK_M, BLOCK_N, BLOCK_K,
-        USE_DOT, INPUT_PRECISION, ACC_DTYPE,
+        c_in, w_ptr, -tap_size, 1, c_in, cols, col_ok, ks, False, BLOCK_M, BLOCK_N,
+        BLOCK_K, USE_DOT, INPUT_PRECISION, ACC_DTYPE,
     )  # fmt: skip
     red_cols = red0 + cols
     c_red = R3 + R5
@@ -80,16 +84,10 @@ def reduce_grad_kernel(
         mask=ok,
     )
     z = tl.load(z_red_ptr + rows64 * c_red + red_cols[None, :], mask=ok, other=0.0)
-    dyp, xhat = masked_grad(
+    dyp, xhat, _ = masked_grad(
         acc, z, red_cols, col_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_BN
     )
     store_partials(dyp, xhat, pid_m, red_cols, col_ok, part_dy_ptr, part_dyx_ptr, c_red)
-
-
-def _flipped_transposed(packed: torch.Tensor, ks: int) -> torch.Tensor:
-    """Packed kernel of the data gradient: [ks*ks*C_out, C_in], flipped in space."""
-    weight = packed.view(ks, ks, -1, packed.shape[1]).permute(3, 2, 0, 1)
-    return pack_weight(weight.transpose(0, 1).flip(2, 3), packed.dtype)
 
 
 def launch_reduce_grad(
@@ -114,9 +112,7 @@ def launch_reduce_grad(
     acc = accumulator_dtype(dtype)
     key = TileKey("reduce_grad", "backward", dtype, m, max(r3, r - r3), max(c3, c5),
                   max(k3, k5))  # fmt: skip
-    vectors = stats_red or (torch.empty(0, dtype=acc, device=dev),) * 4
-    w3_grad = _flipped_transposed(w.w3, k3)
-    w5_grad = _flipped_transposed(w.w5, k5)
+    vectors = stats_red or (constant_vector((0.0,), (0,), acc, dev),) * 4  # never read
 
     def run(cfg: TileConfig) -> tuple[torch.Tensor, torch.Tensor]:
         tiles_m = ceil_div(m, cfg.block_m)
@@ -126,8 +122,8 @@ def launch_reduce_grad(
         )
         grid = (tiles_m, ceil_div(r3, cfg.block_n) + ceil_div(r - r3, cfg.block_n))
         reduce_grad_kernel[grid](
-            g[:, c1:], g[:, c1 + r :], g[:, c1 + r + c3 :], g.stride(0), w3_grad,
-            w5_grad, z_red, *vectors, *partials, m, h, wd, r3, r - r3, c3, c5, k3, k5,
+            g[:, c1:], g[:, c1 + r :], g[:, c1 + r + c3 :], g.stride(0), w.w3, w.w5,
+            z_red, *vectors, *partials, m, h, wd, r3, r - r3, c3, c5, k3, k5,
             HAS_BN=bool(stats_red), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
             INPUT_PRECISION=input_precision(dtype), ACC_DTYPE=acc_dtype(dtype),

@@ -4,7 +4,8 @@
    (the ReLU mask and xhat recomputed from the saved pre-BN z).
 2. ``partials_finalize_kernel``: those tiles summed in a fixed order (no float atomics, so
    the result is bitwise repeatable); the sums are also the BN (or conv bias) grads.
-3. ``relu_bn_apply_kernel``: dz from dy, z and the sums.
+3. ``relu_bn_apply_kernel``: dz from dy, z and the sums; for the reduce layers also
+   their activations relu(BN(z)), which the 3x3/5x5 weight gradients multiply by.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..folding import accumulator_dtype
-from .conv_tile import div_rn, tile_pixels
+from ..folding import accumulator_dtype, constant_vector
+from .conv_tile import div_rn, relu, tile_pixels
 from .launch import ceil_div, compiled_for_gpu, pow2_clamp
 
 
@@ -29,8 +30,9 @@ def pixel_offsets(n, oh, ow, cols, s_n, s_c, s_h, s_w):
 def masked_grad(
     dy, z, cols, col_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_BN: tl.constexpr
 ):
-    """(dy', xhat): dy through the ReLU, whose input is recomputed from the saved z exactly
-    as the forward computes it; xhat = (z - mean) * invstd (z itself without BN)."""
+    """(dy', xhat, pre): dy through the ReLU, whose input ``pre`` is recomputed from the
+    saved z exactly as the forward computes it; xhat = (z - mean) * invstd (z itself
+    without BN)."""
     if HAS_BN:
         mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
         invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0)
@@ -44,7 +46,7 @@ def masked_grad(
         xhat = z.to(mean_ptr.dtype.element_ty)
     # ReLU's backward passes dy where its input is not <= 0: a NaN input passes it, as in
     # torch's threshold_backward.
-    return tl.where(pre <= 0, 0.0, dy.to(xhat.dtype)), xhat
+    return tl.where(pre <= 0, 0.0, dy.to(xhat.dtype)), xhat, pre
 
 
 @triton.jit
@@ -99,7 +101,7 @@ def relu_bn_partials_kernel(
     rows, n, oh, ow, row_ok = tile_pixels(pid_m, M, H, W, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C
-    dyp, xhat = load_masked_grad(
+    dyp, xhat, _ = load_masked_grad(
         dy_ptr, s_n, s_c, s_h, s_w, z_ptr, C, rows, n, oh, ow, row_ok, cols, col_ok,
         mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_BN,
     )  # fmt: skip
@@ -147,6 +149,7 @@ def relu_bn_apply_kernel(
     sum_dyx_ptr,
     dz_ptr,
     dz_row_stride,
+    act_ptr,  # [M, C] row-major: relu(pre), written when STORE_ACT
     SKIP_FROM,
     SKIP,  # column c of dz lands at c + SKIP when c >= SKIP_FROM
     M,
@@ -155,16 +158,21 @@ def relu_bn_apply_kernel(
     C,
     HAS_BN: tl.constexpr,
     BATCH_STATS: tl.constexpr,
+    STORE_ACT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     rows, n, oh, ow, row_ok = tile_pixels(tl.program_id(0), M, H, W, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C
-    dz, xhat = load_masked_grad(
+    ok = row_ok[:, None] & col_ok[None, :]
+    dz, xhat, pre = load_masked_grad(
         dy_ptr, s_n, s_c, s_h, s_w, z_ptr, C, rows, n, oh, ow, row_ok, cols, col_ok,
         mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_BN,
     )  # fmt: skip
+    if STORE_ACT:  # what the forward's 3x3/5x5 convs read, rounded as they read it
+        act = relu(pre).to(act_ptr.dtype.element_ty)
+        tl.store(act_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], act, mask=ok)
     if HAS_BN:
         scale = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0) * tl.load(
             invstd_ptr + cols, mask=col_ok, other=0.0
@@ -178,13 +186,15 @@ def relu_bn_apply_kernel(
     tl.store(
         dz_ptr + rows.to(tl.int64)[:, None] * dz_row_stride + dst[None, :],
         dz.to(dz_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & col_ok[None, :],
+        mask=ok,
     )
 
 
-def _elementwise_blocks(m: int, c: int, on_gpu: bool) -> tuple[int, int]:
-    if on_gpu:
-        return 64, 64
+def _elementwise_blocks(
+    m: int, c: int, dtype: torch.dtype, on_gpu: bool
+) -> tuple[int, int]:
+    if on_gpu:  # fp64 64x64 tiles spill at four warps (sm90_report.py)
+        return (32 if dtype == torch.float64 else 64), 64
     # The interpreter pays per program: the biggest tiles the problem fills.
     return (
         pow2_clamp(m, 16, 256),
@@ -202,20 +212,22 @@ def relu_bn_backward(
     skip: tuple[int, int],
     shape: tuple[int, int, int],
     partials: tuple[torch.Tensor, torch.Tensor] | None = None,
+    act: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dz of one [M, C] group of ReLU(BN) layers into ``dz``; returns (sum dy', sum dy'xhat).
 
     ``partials``: per-tile sums already taken (by reduce_grad_kernel's epilogue); else
-    relu_bn_partials_kernel takes them from dy.
+    relu_bn_partials_kernel takes them from dy. ``act``: an [M, C] matrix to receive the
+    layers' activations.
     """
     m, h, w = shape
     c = z.shape[1]
     on_gpu = compiled_for_gpu(dy)
-    block_m, block_n = _elementwise_blocks(m, c, on_gpu)
+    block_m, block_n = _elementwise_blocks(m, c, z.dtype, on_gpu)
     has_bn = len(stats) == 4
     acc = accumulator_dtype(z.dtype)
-    dummy = torch.empty(0, dtype=acc, device=z.device)
-    vectors = stats if has_bn else (dummy,) * 4
+    unused = constant_vector((0.0,), (0,), acc, z.device)  # a pointer never read
+    vectors = stats if has_bn else (unused,) * 4
     grid = (ceil_div(m, block_m), ceil_div(c, block_n))
     if partials is None:
         partials = (
@@ -236,7 +248,9 @@ def relu_bn_backward(
         *partials, *sums, tiles, c, BLOCK_T=block_t, BLOCK_N=block_n
     )
     relu_bn_apply_kernel[grid](
-        dy, *dy_strides, z, *vectors, *sums, dz, dz.stride(0), *skip, m, h, w, c,
-        HAS_BN=has_bn, BATCH_STATS=batch_stats, BLOCK_M=block_m, BLOCK_N=block_n,
+        dy, *dy_strides, z, *vectors, *sums, dz, dz.stride(0),
+        unused if act is None else act, *skip, m, h, w, c, HAS_BN=has_bn,
+        BATCH_STATS=batch_stats, STORE_ACT=act is not None, BLOCK_M=block_m,
+        BLOCK_N=block_n,
     )  # fmt: skip
     return sums

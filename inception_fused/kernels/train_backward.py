@@ -115,27 +115,21 @@ def train_backward_flat(
         (c1, r), shape,
     )  # fmt: skip
 
-    # Reduce layers: data grads of the k3/k5 convs, then their ReLU/BN backward in place.
+    # Reduce layers: data grads of the k3/k5 convs, then their ReLU/BN backward in place,
+    # which also recomputes their activations for the k3/k5 weight grads.
     partials = launch_reduce_grad(g, w, saved.z_red, stats_red, shape)
     g_red = g[:, c1:col3]
+    a_red = torch.empty((m, r), dtype=dtype, device=dev)
     sums_red = relu_bn_backward(
         g_red, g_strides, saved.z_red, stats_red, batch_stats, g_red, (r, 0), shape,
-        partials,
+        partials, a_red,
     )  # fmt: skip
 
     grad_x = launch_input_grad(g, w, x) if needs_input_grad else None
 
-    # Weight grads: views of G against x, the pooled x and the recomputed reduce activations.
+    # Weight grads: views of G against x, the pooled x and the reduce activations.
     rows = x.permute(0, 2, 3, 1).reshape(m, c_in)
     pooled = torch.max_pool2d(x, 3, 1, 1).permute(0, 2, 3, 1).reshape(m, c_in)
-    z_red = saved.z_red
-    if bn is None:
-        a_red = z_red.clamp_min(0)  # relu: NaN stays NaN
-    else:  # beta + (z - mean) * invstd * gamma, in the statistics' dtype
-        scale = saved.invstd_red * bn.gamma_red
-        a_red = torch.addcmul(bn.beta_red, z_red - saved.mean_red, scale).clamp_min_(0)
-        if a_red.dtype != dtype:
-            a_red = a_red.to(dtype)
     # NCHW-indexed views of the [M, C] matrices.
     a_red = a_red.as_strided((n, r, h, wd), (h * wd * r, 1, wd * r, r))
     g4 = g.as_strided((n, gc, h, wd), g_strides)
