@@ -36,7 +36,8 @@ setup(
     version="0.1.0",
     description="GoogLeNet's Inception module as fused Triton kernels, drop-in for PyTorch",
     packages=find_packages(include=["inception_fused", "inception_fused.*"]),
-    package_data={"inception_fused.kernels": ["tile_table.json"]},  # GPU tiles per shape
+    # The GPU tiles per shape (kernels/tiles.py).
+    package_data={"inception_fused.kernels": ["tile_table.json"]},
     python_requires=">=3.10",
     # Oldest stack tested (make test-oldest, README "Supported versions"): torch 2.7.1
     # with the triton 3.3.1 it pins; torch 2.6's custom_op cannot read our annotations.
