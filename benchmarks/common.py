@@ -120,7 +120,8 @@ def synchronize(device: torch.device) -> None:
 def git_commit() -> str:
     """Short HEAD hash, '-dirty' when tracked files differ from it.
 
-    Untracked files are ignored: a run creates result files, which must not mark it dirty.
+    Untracked files and benchmarks/results are ignored: runs create and append to result
+    files, which must not mark the next run dirty.
     """
 
     def git(*args: str) -> str:
@@ -130,7 +131,10 @@ def git_commit() -> str:
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git(
+            "status", "--porcelain", "--untracked-files=no", "--", ".",
+            ":(exclude)benchmarks/results",
+        )  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
