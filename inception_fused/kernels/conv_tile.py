@@ -124,16 +124,15 @@ def conv_tile(
 @triton.jit
 def stored_conv_tile(
     x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, n, oh, ow, row_ok, H, W, C_in,
-    w_ptr, w_tap_rows, w_s_k, w_s_n, cols, col_ok, KS, POOL: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    w_ptr, w_tap_rows, w_s_k, w_s_n, cols, col_ok, KS, POOL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
     """conv_tile of an input read as stored: no BN/ReLU prologue, so no BN vectors."""
     return conv_tile(
         x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, n, oh, ow, row_ok, H, W, C_in,
-        w_ptr, w_tap_rows, w_s_k, w_s_n, cols, col_ok, KS, w_ptr, w_ptr, w_ptr, w_ptr, POOL,
-        False, False,
-        BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, INPUT_PRECISION, ACC_DTYPE,
+        w_ptr, w_tap_rows, w_s_k, w_s_n, cols, col_ok, KS, w_ptr, w_ptr, w_ptr, w_ptr,
+        POOL, False, False, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, INPUT_PRECISION, ACC_DTYPE,
     )  # fmt: skip
 
 
