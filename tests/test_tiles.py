@@ -187,9 +187,8 @@ def test_every_candidate_computes_the_same_on_the_gpu(monkeypatch, dtype):
     x = torch.randn(8, 192, 28, 28, device=DEVICE, dtype=dtype)
     grad_out = torch.randn(8, 256, 28, 28, device=DEVICE, dtype=dtype)
     fused = FusedInceptionModule.from_module(ref)
-    for (
-        bn
-    ) in fused.modules():  # train steps leave the running statistics (eval's) as are
+    # Train steps leave the running statistics (eval's) as they are.
+    for bn in fused.modules():
         if isinstance(bn, torch.nn.BatchNorm2d):
             bn.momentum = 0.0
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..folding import FoldedInception, accumulator_dtype, constant_vector
+from ..folding import FoldedInception, accumulator_dtype
 from .conv_tile import nhwc_strides, stored_conv_tile, tile_pixels
 from .launch import TileConfig, acc_dtype, ceil_div, input_precision
 from .relu_bn_backward import masked_grad, store_partials
@@ -112,7 +112,6 @@ def launch_reduce_grad(
     acc = accumulator_dtype(dtype)
     key = TileKey("reduce_grad", "backward", dtype, m, max(r3, r - r3), max(c3, c5),
                   max(k3, k5))  # fmt: skip
-    vectors = stats_red or (constant_vector((0.0,), (0,), acc, dev),) * 4  # never read
 
     def run(cfg: TileConfig) -> tuple[torch.Tensor, torch.Tensor]:
         tiles_m = ceil_div(m, cfg.block_m)
@@ -121,6 +120,7 @@ def launch_reduce_grad(
             torch.empty((tiles_m, r), dtype=acc, device=dev),
         )
         grid = (tiles_m, ceil_div(r3, cfg.block_n) + ceil_div(r - r3, cfg.block_n))
+        vectors = stats_red or (partials[0],) * 4  # without BN: never read
         reduce_grad_kernel[grid](
             g[:, c1:], g[:, c1 + r :], g[:, c1 + r + c3 :], g.stride(0), w.w3, w.w5,
             z_red, *vectors, *partials, m, h, wd, r3, r - r3, c3, c5, k3, k5,

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..folding import accumulator_dtype, constant_vector
+from ..folding import accumulator_dtype
 from .conv_tile import div_rn, relu, tile_pixels
 from .launch import ceil_div, compiled_for_gpu, pow2_clamp
 
@@ -226,8 +226,14 @@ def relu_bn_backward(
     block_m, block_n = _elementwise_blocks(m, c, z.dtype, on_gpu)
     has_bn = len(stats) == 4
     acc = accumulator_dtype(z.dtype)
-    unused = constant_vector((0.0,), (0,), acc, z.device)  # a pointer never read
-    vectors = stats if has_bn else (unused,) * 4
+    sums = (
+        torch.empty(c, dtype=acc, device=z.device),
+        torch.empty(c, dtype=acc, device=z.device),
+    )
+    # Where a pointer is never followed, any tensor of its type (as in the forward's
+    # launchers): no allocation for it.
+    unread = sums[0]
+    vectors = stats if has_bn else (unread,) * 4
     grid = (ceil_div(m, block_m), ceil_div(c, block_n))
     if partials is None:
         partials = (
@@ -238,10 +244,6 @@ def relu_bn_backward(
             dy, *dy_strides, z, *vectors, *partials, m, h, w, c, HAS_BN=has_bn,
             BLOCK_M=block_m, BLOCK_N=block_n,
         )  # fmt: skip
-    sums = (
-        torch.empty(c, dtype=acc, device=z.device),
-        torch.empty(c, dtype=acc, device=z.device),
-    )
     tiles = partials[0].shape[0]
     block_t = 64 if on_gpu else pow2_clamp(tiles, 16, 1024)
     partials_finalize_kernel[(ceil_div(c, block_n),)](
@@ -249,7 +251,7 @@ def relu_bn_backward(
     )
     relu_bn_apply_kernel[grid](
         dy, *dy_strides, z, *vectors, *sums, dz, dz.stride(0),
-        unused if act is None else act, *skip, m, h, w, c, HAS_BN=has_bn,
+        unread if act is None else act, *skip, m, h, w, c, HAS_BN=has_bn,
         BATCH_STATS=batch_stats, STORE_ACT=act is not None, BLOCK_M=block_m,
         BLOCK_N=block_n,
     )  # fmt: skip
