@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from .folding import FoldedInception
-from .kernels.launch import on_device
+from .kernels.launch import kernel_layout, on_device
 from .kernels.pointwise import launch_pointwise
 from .kernels.spatial import launch_spatial
 
@@ -42,8 +42,10 @@ def launch_plan(
 def inception_eval_forward(x: torch.Tensor, f: FoldedInception) -> torch.Tensor:
     """Eval-mode Inception (BN folded) in two Triton launches; returns channels_last output.
 
-    x may have any strides (NCHW-contiguous and channels_last both read without a copy).
+    x may have any strides: the interpreter reads NCHW and channels_last without a copy, a
+    GPU reads channels_last (launch.kernel_layout).
     """
+    x = kernel_layout(x)
     plan = launch_plan(x.shape, f.widths)
     out = torch.empty(
         plan.out_shape,

@@ -124,14 +124,19 @@ def _versions(tensors: Sequence[torch.Tensor | None]) -> list[int]:
         return [-1 if t is None or t.is_inference() else t._version for t in tensors]
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 class FoldCache(Generic[T]):
     """One value built from some tensors, rebuilt whenever any of them may have changed.
 
     ``get(tensors, build, extra_key)`` returns the cached ``build()`` result while the
     same tensor objects (identity) have the same versions, ``extra_key`` (e.g. the compute
     dtype) is equal, and no optimizer step over one of them nor :func:`invalidate_all`
-    happened since it was built; otherwise it calls ``build()`` and caches that. The cache
-    holds references to the watched tensors, so their ids stay unique while it does.
+    happened since it was built; otherwise it calls ``build()`` and caches that, except
+    during a CUDA graph capture. The cache holds references to the watched tensors, so
+    their ids stay unique while it does.
     """
 
     __slots__ = ("_event", "_ids", "_key", "_tensors", "_value", "_versions")
@@ -168,6 +173,10 @@ class FoldCache(Generic[T]):
             or extra_key != self._key
             or (self._event != _event_count and self._stepped())
         ):
+            if _capturing():
+                # A value built now lives in the graph's memory, unset until its first
+                # replay: the graph refolds on every replay and the cache stays stale.
+                return build()
             self._value = build()
             self._tensors, self._ids = tuple(tensors), frozenset(map(id, tensors))
             self._versions, self._key = versions, extra_key

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from .kernels.launch import outside_graph_pools
 from .reference import ConvBlock, InceptionModule
 
 
@@ -92,24 +93,31 @@ def constant_vector(
     """``sizes[i]`` copies of ``values[i]``, one after another (zero biases, unit gammas,
     BN eps): built once per arguments and shared, so never write to it. Neither cached
     nor taken from the cache while tracing (fake, proxy or functional tensors), nor
-    cached when built during a CUDA graph capture (its memory belongs to the graph).
+    cached when built during a CUDA graph capture (its memory belongs to the graph); a
+    cached one is allocated outside any graph pool (cudagraph trees' warmup would lend
+    it memory that PyTorch hands out again).
     """
     tracing = torch._C._len_torch_dispatch_stack() and any(
         torch._C._get_dispatch_mode(key) is not None for key in _TRACING_MODES
     )
     key = (values, sizes, dtype, device)
     vector = None if tracing else _constants.get(key)
-    if vector is None:
+    if vector is not None:
+        return vector
+
+    def build() -> torch.Tensor:
         with torch.inference_mode(False), torch.no_grad():
-            vector = torch.cat(
+            return torch.cat(
                 [
                     torch.full((n,), v, dtype=dtype, device=device)
                     for v, n in zip(values, sizes, strict=True)
                 ]
             )
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not (tracing or capturing) and len(_constants) < _CONSTANTS_KEPT:
-            _constants[key] = vector
+
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if tracing or capturing or len(_constants) >= _CONSTANTS_KEPT:
+        return build()
+    vector = _constants[key] = outside_graph_pools(device, build)
     return vector
 
 

@@ -154,6 +154,14 @@ class FusedInceptionModule(InceptionModule):
         self._fold_cache.clear()
         return super()._apply(fn, recurse)
 
+    def _replicate_for_data_parallel(self) -> FusedInceptionModule:
+        # nn.DataParallel's replicas copy __dict__: each needs its own fold (of its own
+        # device's tensors) and its own submodules' layout, not the original's.
+        replica = super()._replicate_for_data_parallel()
+        replica._fold_cache = FoldCache()
+        replica._cached_layout = None
+        return replica
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_cached_layout"] = None  # module references of the original

@@ -251,6 +251,13 @@ class FusedGoogLeNet(GoogLeNet):
         self._network_plan = None  # .to() / .double() swap param.data in place
         return super()._apply(fn, recurse)
 
+    def _replicate_for_data_parallel(self) -> FusedGoogLeNet:
+        # A replica copies __dict__: it must not share (and race on) this plan.
+        replica = super()._replicate_for_data_parallel()
+        replica._network_plan = None
+        replica.__dict__.pop("_plan_cache", None)
+        return replica
+
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())
         state.pop("_network_plan", None)  # never pickle derived weights

@@ -29,7 +29,7 @@ from .folding import (
     pack_stem,
     pack_weight,
 )
-from .kernels.launch import on_device
+from .kernels.launch import kernel_layout, on_device
 from .kernels.train_backward import FlatGrads, split_grads, train_backward_flat
 from .kernels.train_forward import TrainForward, train_forward
 from .reference import InceptionModule
@@ -248,14 +248,16 @@ def _(
     grad_out, x, conv_weights, bn_weights, bn_biases, eps, z_out, z_red, stats,
     batch_stats, needs_input_grad,
 ):  # fmt: skip
+    # Strides as the real op's: grad_x in the layout the kernels read x in, contiguous
+    # weight grads whatever the weights' memory format (channels_last under AMP).
     c_in = x.shape[1]
     c_stem = sum(conv_weights[i].shape[0] for i in range(3))
     acc = accumulator_dtype(x.dtype)
     return [
-        torch.empty_like(x) if needs_input_grad else x.new_empty(0),
+        torch.empty_like(kernel_layout(x)) if needs_input_grad else x.new_empty(0),
         x.new_empty((c_stem, c_in)),
-        torch.empty_like(conv_weights[3]),
-        torch.empty_like(conv_weights[4]),
+        conv_weights[3].new_empty(conv_weights[3].shape),
+        conv_weights[4].new_empty(conv_weights[4].shape),
         x.new_empty((conv_weights[5].shape[0], c_in)),
         *(x.new_empty((z.shape[1],), dtype=acc) for z in (z_out, z_out, z_red, z_red)),
     ]
@@ -460,9 +462,11 @@ def fused_train_forward(
         for t in _read(layout.convs, name)
     ]
     affine = [t for name in ("weight", "bias") for t in _read(layout.bn_params, name)]
+    # Converted before the op, so that the backward reads the saved x as the forward did.
+    x = kernel_layout(x if x.dtype == dtype else x.to(dtype))
     out = _InceptionTrain.apply(
         bn_args,
-        x if x.dtype == dtype else x.to(dtype),
+        x,
         *convs,
         *(affine or [None] * 12),
     )

@@ -14,7 +14,7 @@ from inception_fused.kernels import tiles
 from inception_fused.kernels.launch import TileConfig
 from inception_fused.kernels.tiles import TileKey
 
-KEY = TileKey("spatial", "eval", torch.bfloat16, 25088, 128, 96, 5)
+KEY = TileKey.of("spatial", "eval", torch.bfloat16, 25088, 128, 96, 5)
 
 
 @pytest.fixture
@@ -79,23 +79,130 @@ def test_fp64_has_one_config():
     assert tiles.candidates(key) == [tiles.rule(key, True)]
 
 
+class SimulatedGPU:
+    """The tuner's pick on meta tensors standing for one GPU model's tensors: timings
+    from a table (``times[cfg]``, else 2.0 ms), ``fail`` raises as a config that does not
+    fit that GPU, ``capturing`` as during a CUDA graph capture."""
+
+    def __init__(self, monkeypatch, model="GPU-A"):
+        self.model = model
+        self.times: dict[TileConfig, float] = {}
+        self.fail: set[TileConfig] = set()
+        self.timed: list[TileConfig] = []
+        self.capturing = False
+        monkeypatch.setenv("INCEPTION_FUSED_AUTOTUNE", "1")
+        monkeypatch.setattr(tiles, "_tuned", {})
+        monkeypatch.setattr(tiles, "_timings", {})
+        monkeypatch.setattr(tiles, "tuning_device", lambda t: self.model)
+        monkeypatch.setattr(tiles, "_time", self._time)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+        monkeypatch.setattr(
+            torch.cuda, "is_current_stream_capturing", lambda: self.capturing
+        )
+        self.tensor = torch.empty(1, device="meta")
+
+    def _time(self, launch):
+        return launch()
+
+    def pick(self, key):
+        def launch(cfg):
+            self.timed.append(cfg)
+            if cfg in self.fail:
+                raise tiles._CANDIDATE_ERRORS[0](100, 99, "shared memory")
+            return self.times.get(cfg, 2.0)
+
+        return tiles.pick(key, self.tensor, launch)
+
+
 def test_tuner_times_every_candidate_and_keeps_the_fastest(monkeypatch):
-    key = KEY._replace(m=12345)
+    gpu = SimulatedGPU(monkeypatch)
+    cands = tiles.candidates(KEY)
+    gpu.times[cands[2]] = 1.0
+    assert gpu.pick(KEY) == cands[2]
+    assert gpu.timed == cands
+    assert tiles.tuned()[KEY][cands[2]] == 1.0
+    assert gpu.pick(KEY) == cands[2]
+    assert gpu.timed == cands  # kept for the process: not timed again
+
+
+def test_a_new_m_in_the_same_bucket_is_not_tuned_again(monkeypatch):
+    gpu = SimulatedGPU(monkeypatch)
+    first = TileKey.of("pointwise", "eval", torch.bfloat16, 1000 * 49, 256, 512)
+    gpu.pick(first)
+    timed = len(gpu.timed)
+    assert timed >= 2
+    same = TileKey.of("pointwise", "eval", torch.bfloat16, 1000 * 49 - 700, 256, 512)
+    assert same == first
+    gpu.pick(same)
+    assert len(gpu.timed) == timed
+    gpu.pick(TileKey.of("pointwise", "eval", torch.bfloat16, 2000 * 49, 256, 512))
+    assert len(gpu.timed) > timed  # the next bucket tunes
+
+
+def test_every_m_of_a_bucket_gets_the_buckets_tiles():
+    """What makes bucketing safe: the rule gives an exact M the same tiles as its bucket
+    (a threshold that is not a power of two would break it)."""
+    for kernel in tiles.KERNELS:
+        for mode in ("eval", "train", "backward"):
+            for dtype in (torch.bfloat16, torch.float32, torch.float64):
+                for m in (*range(1, 70), 783, 784, 785, 8191, 8192, 8193, 12544, 50176):
+                    exact = TileKey(kernel, mode, dtype, m, 96, 128, 3)
+                    bucket = TileKey.of(kernel, mode, dtype, m, 96, 128, 3)
+                    for on_gpu in (True, False):
+                        assert tiles.rule(exact, on_gpu) == tiles.rule(bucket, on_gpu)
+
+
+def test_tiny_launches_are_not_timed(monkeypatch):
+    gpu = SimulatedGPU(monkeypatch)
+    tiny = TileKey.of("spatial", "eval", torch.bfloat16, 49, 128, 96, 3)
+    assert gpu.pick(tiny) == tiles.choice(tiny, True)
+    assert gpu.timed == []
+
+
+def test_a_failing_candidate_is_skipped(monkeypatch):
+    gpu = SimulatedGPU(monkeypatch)
+    cands = tiles.candidates(KEY)
+    gpu.fail = {cands[0], cands[2]}
+    gpu.times[cands[2]] = 0.5  # fastest, had it compiled
+    gpu.times[cands[1]] = 1.0
+    assert gpu.pick(KEY) == cands[1]
+    assert set(tiles.tuned()[KEY]) == set(cands) - gpu.fail
+    gpu.fail = set(cands)
+    with pytest.raises(tiles._CANDIDATE_ERRORS[0]):
+        gpu.pick(KEY._replace(n=256))
+
+
+def test_picks_are_kept_per_gpu_model_and_fp32_precision(monkeypatch):
+    gpu = SimulatedGPU(monkeypatch)
+    precision = "ieee"
+    monkeypatch.setattr(tiles, "input_precision", lambda dtype: precision)
+    key = KEY._replace(dtype=torch.float32)
     cands = tiles.candidates(key)
-    fastest = cands[2]
-    launched = []
+    gpu.times[cands[1]] = 1.0
+    assert gpu.pick(key) == cands[1]
+    timed = len(gpu.timed)
+    gpu.model = "GPU-B"
+    gpu.times = {cands[2]: 1.0}
+    assert gpu.pick(key) == cands[2]  # another model tunes for itself
+    assert len(gpu.timed) == 2 * timed
+    gpu.model = "GPU-A"
+    assert gpu.pick(key) == cands[1]
+    precision = "tf32"
+    gpu.pick(key)  # TF32 on: other arithmetic, other timings
+    assert len(gpu.timed) == 3 * timed
 
-    def fake_bench(fn, warmup, rep):
-        fn()
-        return 1.0 if launched[-1] == fastest else 2.0
 
-    monkeypatch.setattr("triton.testing.do_bench", fake_bench)
-    monkeypatch.setattr(tiles, "_tuned", {})
-    monkeypatch.setattr(tiles, "_timings", {})
-    assert tiles._tune(key, launched.append) == fastest
-    assert launched == cands
-    assert tiles._tuned[key] == fastest
-    assert tiles.tuned()[key][fastest] == 1.0
+def test_a_capture_replays_the_tuned_tiles_and_tunes_nothing(monkeypatch):
+    gpu = SimulatedGPU(monkeypatch)
+    cands = tiles.candidates(KEY)
+    gpu.times[cands[2]] = 1.0
+    gpu.pick(KEY)  # warmup, before the capture
+    timed = len(gpu.timed)
+    gpu.capturing = True
+    assert gpu.pick(KEY) == cands[2]
+    other = KEY._replace(n=256)  # first seen during the capture: the table's tiles
+    assert gpu.pick(other) == tiles.choice(other, True)
+    assert len(gpu.timed) == timed
 
 
 def test_autotuning_switches(monkeypatch):
@@ -201,16 +308,16 @@ def test_every_candidate_computes_the_same_on_the_gpu(monkeypatch, dtype):
         return ev, tr.detach(), xg.grad
 
     outputs()  # tunes every key
-    keys = list(tiles.tuned())
-    assert {k.kernel for k in keys} == set(tiles.KERNELS)
-    for key in keys:
-        monkeypatch.setitem(tiles._tuned, key, tiles.choice(key, True))
+    tune_keys = list(tiles._tuned)
+    assert {key.kernel for _, _, key in tune_keys} == set(tiles.KERNELS)
+    for tune_key in tune_keys:
+        monkeypatch.setitem(tiles._tuned, tune_key, tiles.choice(tune_key[2], True))
     expected = outputs()
     with torch.no_grad():
         assert_close(expected[0], ref.eval()(x))
-    for key in keys:
-        for cfg in tiles.candidates(key):
-            monkeypatch.setitem(tiles._tuned, key, cfg)
+    for tune_key in tune_keys:
+        for cfg in tiles.candidates(tune_key[2]):
+            monkeypatch.setitem(tiles._tuned, tune_key, cfg)
             for got, want in zip(outputs(), expected, strict=True):
                 assert_close(got, want)
-        monkeypatch.setitem(tiles._tuned, key, tiles.choice(key, True))
+        monkeypatch.setitem(tiles._tuned, tune_key, tiles.choice(tune_key[2], True))

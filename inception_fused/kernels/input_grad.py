@@ -152,7 +152,6 @@ def launch_input_grad(
             num_stages=cfg.num_stages,
         )  # fmt: skip
 
-    run(
-        pick(TileKey("input_grad", "backward", x.dtype, m, c_in, max(col3, cp)), x, run)
-    )
+    key = TileKey.of("input_grad", "backward", x.dtype, m, c_in, max(col3, cp))
+    run(pick(key, x, run))
     return grad_x

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import triton
@@ -21,12 +24,22 @@ class TileConfig:
     use_dot: bool = True
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+def _interpret_flag() -> bool:
     knobs = getattr(triton, "knobs", None)
     if knobs is None:  # Triton < 3.4 reads the variable itself, and only "1" counts
         return os.environ.get("TRITON_INTERPRET", "0") == "1"
     return bool(knobs.runtime.interpret)
+
+
+# Read once, as Triton decides at @triton.jit time (our kernel modules' import) whether a
+# kernel is interpreted; and a constant is what Dynamo can trace (knobs call into C).
+_INTERPRETING = _interpret_flag()
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1 set
+    before inception_fused was imported)."""
+    return _INTERPRETING
 
 
 def compiled_for_gpu(t: torch.Tensor) -> bool:
@@ -36,6 +49,17 @@ def compiled_for_gpu(t: torch.Tensor) -> bool:
     launchers pick the tiles they would pick on a GPU.
     """
     return t.is_cuda or t.is_meta
+
+
+def kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the GPU kernels read it: an input whose channel axis is strided (NCHW) is
+    copied once to channels_last. Read through its strides, a tile's channels are scalar
+    loads (2 bytes each in 16-bit), never pipelined, and the pool tiles spill (sm90
+    report); the copy costs one read and one write of x. The interpreter reads any
+    strides as they are."""
+    if compiled_for_gpu(x) and x.stride(1) != 1 and x.shape[1] > 1:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def nchw_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -130,6 +154,39 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Make ``t``'s GPU the current one while kernels are launched for it: Triton launches
     on the current CUDA device, which need not be the tensors' (a model on cuda:1)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+T = TypeVar("T")
+_helper_thread: ThreadPoolExecutor | None = None
+
+
+def outside_graph_pools(device: torch.device, fn: Callable[[], T]) -> T:
+    """``fn()`` with its CUDA allocations outside any CUDA graph's memory pool.
+
+    While cudagraph trees (``torch.compile(mode="reduce-overhead")``) warm up or record,
+    every allocation of the calling thread comes out of the graph's private pool
+    (torch._C._cuda_beginAllocateCurrentThreadToPool), which PyTorch hands out again: a
+    tensor kept across calls (a shared constant) could be overwritten, and a timing's
+    flush buffer would stay in the pool. So ``fn`` runs on a helper thread, whose stream
+    first waits for the caller's work; the caller waits until ``fn``'s kernels are done.
+    Off CUDA, ``fn`` simply runs.
+    """
+    global _helper_thread
+    if device.type != "cuda":
+        return fn()
+    if _helper_thread is None:
+        _helper_thread = ThreadPoolExecutor(1, thread_name_prefix="inception_fused")
+    ready = torch.cuda.current_stream(device).record_event()
+
+    def run() -> T:
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream()
+            stream.wait_event(ready)
+            result = fn()
+            stream.synchronize()
+            return result
+
+    return _helper_thread.submit(run).result()
 
 
 def acc_dtype(dtype: torch.dtype) -> tl.dtype:

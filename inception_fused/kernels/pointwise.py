@@ -185,4 +185,4 @@ def launch_pointwise(
 
     for kernel, n_cols in (("pointwise", c1 + c_red), ("pool", c_pool)):
         launch = functools.partial(run, pool=kernel == "pool")
-        launch(pick(TileKey(kernel, mode, x.dtype, m, n_cols, c_in), x, launch))
+        launch(pick(TileKey.of(kernel, mode, x.dtype, m, n_cols, c_in), x, launch))

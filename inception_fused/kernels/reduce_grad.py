@@ -110,7 +110,7 @@ def launch_reduce_grad(
     c3, c5 = w.w3.shape[1], w.w5.shape[1]
     dtype, dev = g.dtype, g.device
     acc = accumulator_dtype(dtype)
-    key = TileKey("reduce_grad", "backward", dtype, m, max(r3, r - r3), max(c3, c5),
+    key = TileKey.of("reduce_grad", "backward", dtype, m, max(r3, r - r3), max(c3, c5),
                   max(k3, k5))  # fmt: skip
 
     def run(cfg: TileConfig) -> tuple[torch.Tensor, torch.Tensor]:

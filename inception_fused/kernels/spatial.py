@@ -173,5 +173,7 @@ def launch_spatial(
         )  # fmt: skip
 
     mode = "train" if train else "eval"
-    key = TileKey("spatial", mode, out.dtype, m, max(c3, c5), max(r3, r5), max(k3, k5))
+    key = TileKey.of(
+        "spatial", mode, out.dtype, m, max(c3, c5), max(r3, r5), max(k3, k5)
+    )
     run(pick(key, out, run))

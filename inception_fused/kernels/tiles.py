@@ -9,10 +9,16 @@ winner measured on a GPU by ``benchmarks/tune_tiles.py``), else the rule. The in
 keeps the rule's one config (big tiles: it pays per program).
 
 On CUDA, the first launch of a key times every candidate (``candidates``: the choice
-first) and keeps the fastest for the process. Every candidate list is compiled and
-checked for sm_90a by the report (no spills, HGMMA, pipelined loads, shared memory that
-fits). Tuning is off under deterministic algorithms (the pick must not vary by run), during
-CUDA graph capture, and with ``INCEPTION_FUSED_AUTOTUNE=0``.
+first) and keeps the fastest for the process, per GPU model and fp32 precision (TF32 or
+IEEE). A key holds M's power-of-two bucket, not M: the rule's tiles are the same across
+a bucket, so a new batch size re-tunes only when it crosses one. Launches too small to
+fill a GPU (``TINY_GEMM``) are not timed. A candidate that fails to compile or launch
+(shared memory over another GPU's limit, a ptxas error) is skipped. Every candidate list
+is compiled and checked for sm_90a by the report (no spills, HGMMA, pipelined loads,
+shared memory that fits). Tuning is off under deterministic algorithms (the pick must not
+vary by run), during CUDA graph capture (a capture replays the picks tuned before it),
+and with ``INCEPTION_FUSED_AUTOTUNE=0``. Timing runs on a helper thread, outside any CUDA
+graph pool (launch.outside_graph_pools).
 
 Train-forward tiles (``mode="train"``) keep the rule's rows per tile: the three launches
 write rows of one statistics partials matrix.
@@ -30,8 +36,17 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import triton
 
-from .launch import TileConfig, ceil_div, pool_tile_config, pow2_clamp, tile_config
+from .launch import (
+    TileConfig,
+    ceil_div,
+    input_precision,
+    outside_graph_pools,
+    pool_tile_config,
+    pow2_clamp,
+    tile_config,
+)
 
 TABLE_PATH = Path(__file__).with_name("tile_table.json")
 KERNELS = ("pointwise", "pool", "spatial", "reduce_grad", "input_grad")
@@ -48,15 +63,30 @@ _DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 class TileKey(NamedTuple):
-    """One conv GEMM launch: [m, k] @ [k, n] per tap, ``ks`` x ``ks`` taps."""
+    """One conv GEMM launch: [m, k] @ [k, n] per tap, ``ks`` x ``ks`` taps, with ``m``
+    rounded up to its bucket (:meth:`of` builds one from a launch's exact M)."""
 
     kernel: str
     mode: str  # "eval", "train" or "backward"
     dtype: torch.dtype
-    m: int
+    m: int  # a power of two: the bucket of every M in (m / 2, m]
     n: int
     k: int
     ks: int = 1
+
+    @classmethod
+    def of(
+        cls,
+        kernel: str,
+        mode: str,
+        dtype: torch.dtype,
+        m: int,
+        n: int,
+        k: int,
+        ks: int = 1,
+    ) -> TileKey:
+        """The key of a launch with ``m`` rows."""
+        return cls(kernel, mode, dtype, m_bucket(m), n, k, ks)
 
     def as_json(self) -> dict:
         return self._asdict() | {"dtype": DTYPE_NAMES[self.dtype]}
@@ -64,6 +94,12 @@ class TileKey(NamedTuple):
     @classmethod
     def from_json(cls, fields: dict) -> TileKey:
         return cls(**(fields | {"dtype": _DTYPES_BY_NAME[fields["dtype"]]}))
+
+
+def m_bucket(m: int) -> int:
+    """The power of two >= ``m``: the rule's row thresholds are powers of two, so every M
+    of a bucket gets the same tiles (tests/test_tiles.py checks it)."""
+    return 1 << (max(1, m) - 1).bit_length()
 
 
 def rule(key: TileKey, on_gpu: bool) -> TileConfig:
@@ -113,7 +149,7 @@ def candidates(key: TileKey) -> list[TileConfig]:
 def rows_per_tile(dtype: torch.dtype, m: int, on_gpu: bool) -> int:
     """BLOCK_M of every train-forward launch at M = ``m``: their statistics partials have
     cdiv(m, rows_per_tile) rows."""
-    return rule(TileKey("pointwise", "train", dtype, m, 1, 1), on_gpu).block_m
+    return rule(TileKey.of("pointwise", "train", dtype, m, 1, 1), on_gpu).block_m
 
 
 def check_partial_rows(
@@ -161,9 +197,25 @@ def choice(key: TileKey, on_gpu: bool) -> TileConfig:
     return table().get(key, rule(key, True)) if on_gpu else rule(key, False)
 
 
-_tuned: dict[TileKey, TileConfig] = {}
-_timings: dict[TileKey, dict[TileConfig, float]] = {}
+# Picks and timings per (GPU model, fp32 dot precision, key).
+TuneKey = tuple[str, str, TileKey]
+_tuned: dict[TuneKey, TileConfig] = {}
+_timings: dict[TuneKey, dict[TileConfig, float]] = {}
 _recording: list[TileKey] | None = None
+# Below this many output elements (M x N, e.g. 512 x 512) a launch is a few tiles: its
+# time is launch latency, the same for every candidate, and not worth a timing.
+TINY_GEMM = 1 << 18
+# What a failing candidate raises (Triton's own autotuner skips the same): shared memory
+# or registers over this GPU's limits, ptxas or compile-time assertion errors.
+_CANDIDATE_ERRORS = tuple(
+    getattr(module, name)
+    for module, name in (
+        (triton.runtime.errors, "OutOfResources"),
+        (triton.runtime.errors, "PTXASError"),
+        (triton.compiler.errors, "CompileTimeAssertionFailure"),
+    )
+    if hasattr(module, name)
+)
 
 
 def autotuning() -> bool:
@@ -176,6 +228,19 @@ def autotuning() -> bool:
     )
 
 
+@functools.cache
+def _gpu_model(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def tuning_device(t: torch.Tensor) -> str | None:
+    """The GPU model whose timings picks on ``t`` use; None off CUDA (nothing is timed)."""
+    if not t.is_cuda:
+        return None
+    index = t.device.index
+    return _gpu_model(torch.cuda.current_device() if index is None else index)
+
+
 def pick(
     key: TileKey, t: torch.Tensor, launch: Callable[[TileConfig], object]
 ) -> TileConfig:
@@ -185,27 +250,45 @@ def pick(
         _recording.append(key)
         for cfg in candidates(key):
             launch(cfg)
-    elif t.is_cuda and autotuning():
-        best = _tuned.get(key)
-        if best is None:
-            best = _tune(key, launch)
+        return choice(key, True)
+    device = tuning_device(t)
+    if device is None:
+        return choice(key, t.is_meta)
+    tune_key = (device, input_precision(key.dtype), key)
+    best = _tuned.get(tune_key)
+    if best is not None:  # also during a capture: the graph holds the tuned tiles
         return best
-    return choice(key, t.is_cuda or t.is_meta)
+    if key.m * key.n < TINY_GEMM or not autotuning():
+        return choice(key, True)
+    return outside_graph_pools(t.device, lambda: _tune(tune_key, launch))
 
 
-def _tune(key: TileKey, launch: Callable[[TileConfig], object]) -> TileConfig:
+def _time(launch: Callable[[], object]) -> float:
     from triton.testing import do_bench
 
-    times = {cfg: do_bench(lambda c=cfg: launch(c), warmup=5, rep=25) for cfg in
-             candidates(key)}  # fmt: skip
-    _timings[key] = times
-    best = _tuned[key] = min(times, key=times.get)
+    return do_bench(launch, warmup=5, rep=25)
+
+
+def _tune(tune_key: TuneKey, launch: Callable[[TileConfig], object]) -> TileConfig:
+    """Time every candidate of ``tune_key``, keep the fastest; a failing one is skipped
+    (raised only when every candidate fails)."""
+    times, errors = {}, []
+    for cfg in candidates(tune_key[2]):
+        try:
+            times[cfg] = _time(lambda c=cfg: launch(c))
+        except _CANDIDATE_ERRORS as err:
+            errors.append(err)
+    if not times:
+        raise errors[0]
+    _timings[tune_key] = times
+    best = _tuned[tune_key] = min(times, key=times.get)
     return best
 
 
 def tuned() -> dict[TileKey, dict[TileConfig, float]]:
-    """Every key tuned in this process: each candidate's time in ms."""
-    return dict(_timings)
+    """Every key tuned in this process: each candidate's time in ms (for one GPU model
+    and precision: the last tuned wins where a process tuned several)."""
+    return {key: times for (_, _, key), times in _timings.items()}
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ import torch
 
 from ..folding import BNParams, FoldedInception
 from .input_grad import launch_input_grad
-from .launch import ceil_div, nchw_strides
+from .launch import ceil_div, kernel_layout, nchw_strides
 from .reduce_grad import launch_reduce_grad
 from .relu_bn_backward import relu_bn_backward
 from .train_forward import TrainForward
@@ -82,6 +82,7 @@ def train_backward_flat(
     grad_out [N, C_out, H, W] and x may have any strides. ``needs_input_grad=False`` skips
     grad_x (the first layer of a network).
     """
+    x = kernel_layout(x)  # grad_x comes back in this layout
     n, c_in, h, wd = x.shape
     m = n * h * wd
     c1, r3, k3, k5 = w.c1, w.r3, w.k3, w.k5

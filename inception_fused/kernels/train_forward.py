@@ -21,7 +21,7 @@ import torch
 
 from ..folding import OUT_THEN_RED, BNParams, FoldedInception, accumulator_dtype
 from .batch_norm import bn_relu_pass, finalize_stats
-from .launch import ceil_div, compiled_for_gpu
+from .launch import ceil_div, compiled_for_gpu, kernel_layout
 from .pointwise import launch_pointwise
 from .spatial import launch_spatial
 from .tiles import rows_per_tile
@@ -179,6 +179,7 @@ def train_forward(
     Statistics are fp32 (fp64 for fp64 input). x may have any strides.
     """
     _check_inputs(x, w, bn, batch_stats)
+    x = kernel_layout(x)
     n, _, h, wd = x.shape
     m = n * h * wd
     c3, c5, c_pool = w.w3.shape[1], w.w5.shape[1], w.pool_w.shape[1]
