@@ -17,7 +17,11 @@ if not torch.cuda.is_available():
 # launch (compiles included): the suite runs the table's tiles; test_tiles.py tunes.
 os.environ.setdefault("INCEPTION_FUSED_AUTOTUNE", "0")
 
+import copy
+import functools
+
 import pytest
+import torchvision
 
 from inception_fused import InceptionModule
 
@@ -70,3 +74,67 @@ def make_reference(*channels: int, seed: int = 0, **kwargs) -> InceptionModule:
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
+
+
+def make_input_sensitive(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Reinitialise a GoogLeNet-like ``model`` so that its logits depend on its input.
+
+    He-initialised convs (torchvision's std 0.01 shrinks the input's signal ~10x per
+    layer), random BN affine parameters, and running statistics that match the
+    activations they normalise: the average over a few train-mode forwards. Returns
+    ``model`` in eval mode.
+    """
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(
+                    m.weight, nonlinearity="relu", generator=g
+                )
+        for m in bns:
+            m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average
+        model.train()
+        for _ in range(3):
+            model(torch.randn(4, 3, 64, 64, generator=g))
+    for m in bns:
+        m.momentum = 0.1
+    return model.eval()
+
+
+@functools.cache
+def _calibrated_googlenet(seed: int, kwargs: tuple) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torchvision.models.googlenet(
+        weights=None, init_weights=False, **dict(kwargs)
+    )
+    return make_input_sensitive(model, seed)
+
+
+def googlenet_that_sees_input(
+    seed: int = 0, num_classes: int = 10, **kwargs
+) -> torch.nn.Module:
+    """A torchvision GoogLeNet in eval mode whose logits depend on its input.
+
+    See ``make_input_sensitive``; whole-network tests build from it and check
+    ``assert_sees_input``.
+    """
+    kwargs["num_classes"] = num_classes
+    return copy.deepcopy(_calibrated_googlenet(seed, tuple(sorted(kwargs.items()))))
+
+
+def assert_sees_input(
+    model: torch.nn.Module, x: torch.Tensor, atol: float, rtol: float
+) -> None:
+    """Logits of ``x`` and of another input differ by 100x the tolerance a test compares
+    them at: a fused model that ignored or garbled its input would fail the comparison."""
+    other = torch.randn(x.shape, generator=torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        a, b = (model(t.to(x)) for t in (x, other))
+    a, b = (t.logits if hasattr(t, "logits") else t for t in (a, b))
+    gap = (a - b).abs().max().item()
+    tolerance = atol + rtol * b.abs().max().item()
+    assert gap > 100 * tolerance, f"logits {gap:.2e} apart, tolerance {tolerance:.2e}"

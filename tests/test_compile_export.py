@@ -6,10 +6,22 @@ Inductor graph); with one, the compiled Triton kernels. opcheck covers both back
 
 import pytest
 import torch
-import torchvision
-from conftest import DEVICE, ON_GPU, assert_close, make_reference, randomize_bn
+from conftest import (
+    DEVICE,
+    ON_GPU,
+    TOLERANCES,
+    assert_close,
+    assert_sees_input,
+    googlenet_that_sees_input,
+    make_reference,
+)
 
-from inception_fused import FusedInceptionModule, fuse_googlenet
+from inception_fused import (
+    FusedInceptionModule,
+    fuse_googlenet,
+    to_reference,
+    unfuse_googlenet,
+)
 from inception_fused.eval_op import eval_forward
 
 BACKEND = "triton" if ON_GPU else "cpu"
@@ -18,11 +30,8 @@ EVAL_OP = torch.ops.inception_fused.eval_forward.default
 
 
 def fused_googlenet(aux_logits=False):
-    torch.manual_seed(0)
-    model = torchvision.models.googlenet(
-        weights=None, init_weights=True, aux_logits=aux_logits, num_classes=10
-    )
-    return fuse_googlenet(randomize_bn(model), backend=BACKEND).to(DEVICE)
+    model = googlenet_that_sees_input(aux_logits=aux_logits)
+    return fuse_googlenet(model, backend=BACKEND).to(DEVICE)
 
 
 def small_net(seed=0):
@@ -69,7 +78,9 @@ def test_googlenet_eval_has_no_graph_break():
 
 
 def test_compile_inductor_eval_fullgraph():
-    net, ref = small_net().eval(), small_net().eval()  # same seeds: same weights
+    net = small_net().eval()
+    # The plain-PyTorch twin, sharing net's tensors: edits below reach both.
+    ref = torch.nn.Sequential(to_reference(net[0]), net[1], to_reference(net[2]))
     x = torch.randn(2, CHANNELS[0], 6, 6, device=DEVICE)
     torch._dynamo.reset()
     compiled = torch.compile(net, fullgraph=True)
@@ -77,16 +88,17 @@ def test_compile_inductor_eval_fullgraph():
         assert_close(compiled(x), ref(x))
         # The fold is traced into the graph, so parameter edits show up without a
         # recompile or a stale cache.
-        for model in (net, ref):
-            model[2].branch2[1].bn.running_var.mul_(4.0)
-            model[0].branch1.conv.weight.neg_()
+        net[2].branch2[1].bn.running_var.mul_(4.0)
+        net[0].branch1.conv.weight.neg_()
         assert_close(compiled(x), ref(x))
 
 
 def test_compile_googlenet_train_mode_fullgraph():
-    """Train mode through Dynamo and AOT autograd (Inductor's codegen is the eval test's)."""
+    """Train mode through Dynamo and AOT autograd (Inductor's codegen is the eval test's),
+    against unfused torchvision. Without a GPU the C++ backend trains with the reference
+    math, so there this checks tracing and dispatch; with one, the Triton kernels."""
     model = fused_googlenet(aux_logits=True).train()
-    ref = fused_googlenet(aux_logits=True).train()
+    ref = unfuse_googlenet(model, inplace=False)
     x = torch.randn(2, 3, 64, 64, device=DEVICE)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -99,14 +111,17 @@ def test_compile_googlenet_train_mode_fullgraph():
     for a, e in zip(*outputs, strict=True):
         assert_close(a, e)
     for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)
+        atol = 1e-3 * q.grad.abs().max().item()  # batch statistics over few rows
+        torch.testing.assert_close(p.grad, q.grad, atol=atol, rtol=0, msg=name)
     for a, b in zip(model.buffers(), ref.buffers(), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_export_contains_the_op():
     model = fused_googlenet().eval()
+    ref = unfuse_googlenet(model, inplace=False)
     x = torch.randn(2, 3, 64, 64, device=DEVICE)
+    assert_sees_input(ref, x, *TOLERANCES[torch.float32])
     batch = torch.export.Dim("batch", min=1, max=64)
     with torch.no_grad():
         exported = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}})
@@ -114,7 +129,7 @@ def test_export_contains_the_op():
     assert op_count(exported.run_decompositions().graph) == 9  # never decomposed
     x3 = torch.randn(3, 3, 64, 64, device=DEVICE)
     with torch.no_grad():
-        assert_close(exported.module()(x3), model(x3))
+        assert_close(exported.module()(x3), ref(x3))
 
 
 def test_jit_script_raises_clearly():

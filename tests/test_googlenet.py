@@ -6,8 +6,13 @@ mode is compared through public behaviour only (outputs, gradients, BN buffers).
 
 import pytest
 import torch
-import torchvision
-from conftest import assert_close, randomize_bn
+from conftest import (
+    TOLERANCES,
+    assert_close,
+    assert_sees_input,
+    googlenet_that_sees_input,
+    make_input_sensitive,
+)
 from torchvision.models.googlenet import (
     BasicConv2d,
     GoogLeNet,
@@ -34,21 +39,23 @@ NUM_CLASSES = 10
 INPUT = (1, 3, 64, 64)
 BLOCK_NAMES = ["inception" + name for name in GOOGLENET_CONFIGS]
 
-# Logits (|x| ~ 0.2 here) after ~60 layers of rounding.
-NETWORK_TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-10, 1e-8)}
+# Logits (|x| ~ 1 here) after ~60 layers of rounding: fp32 torchvision itself is ~2e-5
+# from its fp64 twin.
+NETWORK_TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float64: (1e-10, 1e-8)}
 
 
 def torchvision_googlenet(seed=0, **kwargs):
-    """A torchvision GoogLeNet with non-trivial BN statistics (stand-in for weights=)."""
-    torch.manual_seed(seed)
-    kwargs.setdefault("num_classes", NUM_CLASSES)
-    model = torchvision.models.googlenet(weights=None, init_weights=True, **kwargs)
-    return randomize_bn(model, seed)
+    """A torchvision GoogLeNet whose logits depend on its input (stand-in for weights=)."""
+    return googlenet_that_sees_input(seed, NUM_CLASSES, **kwargs)
 
 
 def close(actual, expected):
     atol, rtol = NETWORK_TOLERANCE[expected.dtype]
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+def sees_input(model, x):
+    assert_sees_input(model, x, *NETWORK_TOLERANCE[x.dtype])
 
 
 def fused_blocks(model):
@@ -108,6 +115,7 @@ def test_eval_parity_with_torchvision(aux_logits, transform_input, dtype):
     ref = ref.to(dtype).eval()
     fused = fuse_googlenet(ref, inplace=False, backend="cpu")
     x = torch.randn(*INPUT, dtype=dtype)
+    sees_input(ref, x)
     with torch.no_grad():
         expected = ref(x)
         out = fused(x)
@@ -121,6 +129,7 @@ def test_pretrained_state_dict_round_trip():
     fused = fuse_googlenet(torchvision_googlenet(seed=4), backend="cpu").eval()
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(*INPUT)
+    sees_input(ref, x)
     with torch.no_grad():
         close(fused(x), ref(x))
     back = torchvision_googlenet(seed=5).eval()
@@ -129,13 +138,17 @@ def test_pretrained_state_dict_round_trip():
         close(back(x), ref(x))
 
 
-@pytest.mark.parametrize(
-    "aux_logits, transform_input", [(False, False), (True, True)], ids=["plain", "aux"]
-)
-def test_train_parity_with_torchvision(aux_logits, transform_input):
-    ref = torchvision_googlenet(aux_logits=aux_logits, transform_input=transform_input)
-    fused = fuse_googlenet(ref, inplace=False, backend="cpu")
+def test_train_parity_with_torchvision():
+    """Train forward and backward of every block through the Triton kernels (the C++
+    backend trains with the reference math, so it would compare torchvision with itself).
+
+    Batch 2 at 64x64 leaves 8 rows to the last BNs' batch statistics: fp32 torchvision
+    itself is ~3e-3 of each gradient's largest value from its fp64 twin.
+    """
+    ref = torchvision_googlenet(aux_logits=True, transform_input=True)
+    fused = fuse_googlenet(ref, inplace=False, backend="triton")
     x = torch.randn(2, *INPUT[1:])
+    sees_input(ref, x)
     target = torch.tensor([1, 7])
     outputs = []
     for model in (ref, fused):
@@ -143,18 +156,14 @@ def test_train_parity_with_torchvision(aux_logits, transform_input):
         out = model.train()(x)
         googlenet_loss(out, target).backward()
         outputs.append(out)
-    expected, out = outputs
-    if aux_logits:
-        assert isinstance(out, GoogLeNetOutputs)
-        for a, e in zip(out, expected, strict=True):
-            close(a, e)
-    else:
-        close(out, expected)
+    assert isinstance(outputs[1], GoogLeNetOutputs)
+    for a, e in zip(outputs[1], outputs[0], strict=True):
+        torch.testing.assert_close(a, e, atol=5e-4, rtol=1e-3)
     for (name, p), q in zip(fused.named_parameters(), ref.parameters(), strict=True):
-        assert p.grad is not None, name
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-3, msg=name)
+        atol = 1e-2 * q.grad.abs().max().item()
+        torch.testing.assert_close(p.grad, q.grad, atol=atol, rtol=0, msg=name)
     for (name, a), b in zip(fused.named_buffers(), ref.buffers(), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_blocks_argument_class():
@@ -172,6 +181,7 @@ def test_blocks_argument_class():
     for block in fused_blocks(model):
         block.backend = "cpu"
     x = torch.randn(*INPUT)
+    sees_input(ref, x)
     with torch.no_grad():
         close(model(x), ref(x))
 
@@ -238,21 +248,28 @@ def test_paper_googlenet_structure():
 
 
 def test_paper_googlenet_matches_its_reference_and_trains():
+    """Dispatch of the paper builder's blocks (the C++ backend trains with the reference
+    math): eval logits, the aux-weighted loss and every gradient match the unfused twin."""
     torch.manual_seed(0)
-    model = randomize_bn(googlenet(NUM_CLASSES, backend="cpu"))
+    model = make_input_sensitive(googlenet(NUM_CLASSES, backend="cpu"))
     plain = unfuse_googlenet(model, inplace=False)
     x = torch.randn(2, *INPUT[1:])
+    sees_input(plain, x)
     with torch.no_grad():
-        close(model.eval()(x), plain.eval()(x))
+        close(model(x), plain(x))
     target = torch.tensor([0, 3])
-    out = model.train()(x)
-    assert isinstance(out, GoogLeNetOutputs)
-    loss = googlenet_loss(out, target)
-    main = torch.nn.functional.cross_entropy(out.logits, target)
-    aux = sum(torch.nn.functional.cross_entropy(a, target) for a in out[1:])
-    torch.testing.assert_close(loss, main + 0.3 * aux)
-    loss.backward()
-    assert all(p.grad is not None for p in model.parameters())
+    for m in (model, plain):
+        torch.manual_seed(1)  # the same dropout masks
+        out = m.train()(x)
+        assert isinstance(out, GoogLeNetOutputs)
+        loss = googlenet_loss(out, target)
+        main = torch.nn.functional.cross_entropy(out.logits, target)
+        aux = sum(torch.nn.functional.cross_entropy(a, target) for a in out[1:])
+        torch.testing.assert_close(loss, main + 0.3 * aux)
+        loss.backward()
+    named = list(model.named_parameters())
+    for (name, p), q in zip(named, plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-3, msg=name)
 
 
 def test_whole_network_through_triton_interpreter_or_gpu(device):
@@ -260,5 +277,6 @@ def test_whole_network_through_triton_interpreter_or_gpu(device):
     ref = torchvision_googlenet().to(device).eval()
     fused = fuse_googlenet(ref, inplace=False, backend="triton")
     x = torch.randn(*INPUT, device=device)
+    assert_sees_input(ref, x, *TOLERANCES[torch.float32])
     with torch.no_grad():
         assert_close(fused(x), ref(x))

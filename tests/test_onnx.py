@@ -11,8 +11,13 @@ import copy
 
 import pytest
 import torch
-import torchvision
-from conftest import assert_close, make_reference, randomize_bn
+from conftest import (
+    TOLERANCES,
+    assert_close,
+    assert_sees_input,
+    googlenet_that_sees_input,
+    make_reference,
+)
 
 from inception_fused import FusedInceptionModule, fuse_googlenet
 
@@ -113,9 +118,8 @@ def test_train_mode_exports_as_the_reference():
 
 
 def test_fused_googlenet_dynamic_batch():
-    torch.manual_seed(0)
-    ref = torchvision.models.googlenet(weights=None, init_weights=True, num_classes=10)
-    ref = randomize_bn(ref).eval()
+    ref = googlenet_that_sees_input()
+    assert_sees_input(ref, torch.randn(1, 3, 64, 64), *TOLERANCES[torch.float32])
     model = fuse_googlenet(copy.deepcopy(ref))
     batch = torch.export.Dim("batch", min=1, max=64)
     program = torch.onnx.export(
