@@ -2,7 +2,14 @@
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, ON_GPU, assert_close, make_reference
+from conftest import (
+    DEVICE,
+    DTYPES,
+    ON_GPU,
+    TF32_TOLERANCE,
+    assert_close,
+    make_reference,
+)
 
 from inception_fused import FusedInceptionModule
 from inception_fused.configs import GOOGLENET_CONFIGS
@@ -45,6 +52,28 @@ def test_dtypes(dtype):
     if dtype in (torch.float16, torch.bfloat16):  # compare against the fp32 computation
         expected = ref.float()(x.float()).to(dtype)
     assert_close(out, expected, dtype)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="TF32 is a GPU precision")
+def test_tf32_when_torch_allows_it(monkeypatch):
+    """The suite runs fp32 in IEEE (conftest.py); with cuDNN's convs on TF32 our dots
+    follow, and agree with the IEEE fp32 reference at TF32's tolerance."""
+    from inception_fused.kernels.launch import input_precision
+
+    fused, ref = fused_and_reference((192, 64, 96, 128, 16, 32, 32), torch.float32)
+    x = torch.randn(4, 192, 28, 28, device=DEVICE)
+    with torch.no_grad():
+        expected = ref(x)
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        monkeypatch.setattr(conv, "fp32_precision", "tf32")
+    else:
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert input_precision(torch.float32) == "tf32"
+    with torch.no_grad():
+        out = fused(x)
+    atol, rtol = TF32_TOLERANCE
+    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize(

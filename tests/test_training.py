@@ -3,7 +3,7 @@ reference in train mode and eval-with-gradients, gradcheck, an SGD loop, determi
 
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU, assert_close, make_reference
+from conftest import DEVICE, ON_GPU, TOLERANCES, assert_close, make_reference
 
 from inception_fused import FusedInceptionModule
 from inception_fused.configs import GOOGLENET_CONFIGS
@@ -233,16 +233,39 @@ def test_opcheck(train):
 @pytest.mark.skipif(not ON_GPU, reason="autocast dtypes need the compiled kernels")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_autocast(dtype):
+    """Values against the fp32 computation of the same step, at the dtype's tolerances:
+    outputs, the input's and every parameter's gradient, the BN buffers."""
     fused, ref = pair((64, 16, 24, 32, 8, 16, 16))
-    x = torch.randn(4, 64, 14, 14, device=DEVICE, requires_grad=True)
+    x = torch.randn(4, 64, 14, 14, device=DEVICE)
+    grad_out = torch.randn(4, 128, 14, 14, device=DEVICE)
+    x_low = x.clone().requires_grad_()
     with torch.autocast("cuda", dtype=dtype):
-        out = fused(x)
-        expected = ref(x)
+        out = fused(x_low)
     assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), expected.float(), atol=1e-1, rtol=5e-2)
-    out.float().sum().backward()
-    assert x.grad.dtype == torch.float32
-    assert all(p.grad.dtype == torch.float32 for p in fused.parameters())
+    out.float().backward(grad_out)
+    x_ref = x.clone().requires_grad_()
+    expected = ref(x_ref)
+    expected.backward(grad_out)
+    assert_close(out.float(), expected, dtype)
+    assert x_low.grad.dtype == torch.float32
+    atol, rtol = TOLERANCES[dtype]
+    for name, g, g_ref in [
+        ("x", x_low.grad, x_ref.grad),
+        *(
+            (name, p.grad, q.grad)
+            for (name, p), q in zip(
+                fused.named_parameters(), ref.parameters(), strict=True
+            )
+        ),
+    ]:
+        assert g.dtype == torch.float32, name
+        # Gradients sum 16-bit products over the batch: tolerance scaled to their size.
+        scale = float(g_ref.abs().max())
+        torch.testing.assert_close(g, g_ref, atol=atol * scale, rtol=rtol, msg=name)
+    for (name, b), b_ref in zip(fused.named_buffers(), ref.buffers(), strict=True):
+        torch.testing.assert_close(
+            b.float(), b_ref.float(), atol=atol, rtol=rtol, msg=name
+        )
 
 
 def test_saves_only_pre_bn_outputs_for_backward():
