@@ -11,6 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+pytest.importorskip("matplotlib")  # plot.py's; in the bench extra
 
 import bench_module
 import common
