@@ -7,6 +7,7 @@ from conftest import (
     DTYPES,
     ON_GPU,
     TF32_TOLERANCE,
+    TOLERANCES,
     assert_close,
     make_reference,
 )
@@ -117,15 +118,51 @@ def test_empty_batch():
 
 @pytest.mark.skipif(not ON_GPU, reason="needs > 2**31 elements on the GPU")
 def test_64bit_offsets():
-    # N*H*W*C_out passes 2**31: the last images live beyond 32-bit element offsets.
+    # N*H*W*C_in passes 2**31 (and so does the output's): the last images are read and
+    # written beyond 32-bit element offsets. ~4.3 GB in, ~5.7 GB out (fp16).
     fused, ref = fused_and_reference((192, 64, 96, 128, 16, 32, 32), torch.float16)
-    n = 11_000
+    n = 14_300
     x = torch.randn(n, 192, 28, 28, device=DEVICE, dtype=torch.float16)
-    assert n * 28 * 28 * 256 > 2**31
+    assert x.numel() > 2**31
     with torch.no_grad():
         out = fused(x)
-        tail = ref.float()(x[-3:].float()).half()
-    assert_close(out[-3:], tail, torch.float16)
+        for images in (slice(0, 3), slice(n - 3, n)):
+            expected = ref.float()(x[images].float()).half()
+            assert_close(out[images], expected, torch.float16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs > 2**31 elements on the GPU")
+def test_64bit_offsets_train():
+    """A train step over an input past 2**31 elements: the same 13 images repeated 1100
+    times, so the batch statistics are the 13 images' and each copy's output and input
+    gradient equal the reference's step on them; parameter gradients are 1100 times
+    theirs. fp16 kernels under autocast (fp32 parameters: their gradients would
+    overflow fp16), against the fp32 reference; about 60 GB."""
+    copies, small_n = 1100, 13
+    ref = make_reference(192, 64, 96, 128, 16, 32, 32).to(DEVICE).train()
+    fused = FusedInceptionModule.from_module(ref).train()
+    small = torch.randn(small_n, 192, 28, 28, device=DEVICE).half().float()
+    grad_small = torch.randn(small_n, 256, 28, 28, device=DEVICE).half()
+    x = small.repeat(copies, 1, 1, 1).requires_grad_()
+    assert x.numel() > 2**31
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = fused(x)
+    assert out.dtype == torch.float16
+    out.backward(grad_small.repeat(copies, 1, 1, 1))
+    x_ref = small.clone().requires_grad_()
+    expected = ref(x_ref)
+    expected.backward(grad_small.float())
+    atol, rtol = TOLERANCES[torch.float16]
+    last = slice(len(x) - small_n, len(x))
+    for got, want in ((out[last], expected), (x.grad[last], x_ref.grad)):
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got.float(), want, atol=atol * scale, rtol=rtol)
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters(), strict=True):
+        want = q.grad * copies
+        scale = float(want.abs().max())
+        torch.testing.assert_close(
+            p.grad.float(), want, atol=atol * scale, rtol=rtol, msg=name
+        )
 
 
 def test_single_channel_branches():
