@@ -7,7 +7,9 @@ tensors (eval, train forward, backward) and compiles them as the runtime would s
 them, with the ptxas bundled in the Triton wheel, in a subprocess because the test session
 imports the kernels in interpreter mode. Checked in the PTX:
 
-* ReLU and max-pool propagate NaN (``max.NaN``), as torch.relu and max_pool2d do;
+* ReLU and max-pool propagate NaN (``max.NaN``), as torch.relu and max_pool2d do: no
+  float max drops NaN, and the eval pool tiles count more ``max.NaN`` than the stem
+  tiles (the pool's on top of the ReLU's);
 * no fp32 division is approximate (``div.full.f32``): statistics round as torch's do;
 * the conv main loops load asynchronously (``cp.async``): the kernels keep the
   divisible-by-16 facts of their strides and offsets.
@@ -16,6 +18,7 @@ Where a GPU is present the other tests compile every kernel for real: skipped th
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -40,12 +43,19 @@ RELU_OR_POOL_KERNELS = {
 }
 
 
-def check_launch(launch, dtype) -> list[str]:
-    """Compile one launch; return what is wrong with its PTX."""
+# A float max that drops NaN (the operand that is not NaN wins): max.f32, max.ftz.f32,
+# max.bf16x2 ...; the NaN-propagating forms are spelled max.NaN.
+PLAIN_FLOAT_MAX = re.compile(r"\bmax(\.ftz)?\.(f32|f16|bf16|f16x2|bf16x2)\b")
+
+
+def check_launch(launch, dtype) -> tuple[list[str], int]:
+    """Compile one launch; return what is wrong with its PTX and its max.NaN count."""
     from inception_fused.kernels.aot import compile_launch
 
     ptx = compile_launch(launch).asm["ptx"]
     problems = []
+    if launch.name in RELU_OR_POOL_KERNELS and PLAIN_FLOAT_MAX.search(ptx):
+        problems.append("a float max without NaN propagation")
     if "div.full.f32" in ptx:
         problems.append("approximate fp32 division (div.full.f32)")
     if dtype != torch.float64:
@@ -57,7 +67,7 @@ def check_launch(launch, dtype) -> list[str]:
             problems.append("max without NaN propagation")
         if launch.name in CONV_KERNELS and "cp.async" not in ptx:
             problems.append("main loop without asynchronous loads (cp.async)")
-    return problems
+    return problems, ptx.count("max.NaN")
 
 
 def run_stage(stage: str) -> int:
@@ -65,15 +75,25 @@ def run_stage(stage: str) -> int:
     from inception_fused.kernels.aot import launch_key, module_launches
 
     seen, failures = set(), []
+    eval_stem_tiles = {}  # max.NaN counts of launch A's eval tiles, by (dtype, pool)
     for dtype in DTYPES:
         for launch in module_launches(CHANNELS, 2, 12, dtype, modes=(stage,))[stage]:
             key = launch_key(launch)
             if key in seen:
                 continue
             seen.add(key)
-            for problem in check_launch(launch, dtype):
+            problems, nan_max = check_launch(launch, dtype)
+            for problem in problems:
                 failures.append(f"{launch.name} {dtype}: {problem}")
+            if launch.name == "inception_pointwise_kernel" and stage == "eval":
+                eval_stem_tiles[dtype, launch.kwargs.get("POOL_TILES")] = nan_max
             print(launch.name, dtype, "compiled", flush=True)
+    for dtype in DTYPES:
+        # Pool tiles take the window's max and then the ReLU: more max.NaN than the
+        # stem tiles' ReLU alone, or the pool's max dropped NaN behind the ReLU's.
+        stem, pool = (eval_stem_tiles.get((dtype, p), 0) for p in (False, True))
+        if dtype != torch.float64 and stage == "eval" and not pool > stem > 0:
+            failures.append(f"pool tiles {dtype}: {pool} max.NaN, stem tiles {stem}")
     assert not failures, "\n".join(failures)
     return len(seen)
 
