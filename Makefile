@@ -40,6 +40,12 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# make mutants: deliberate bugs, one at a time in a scratch copy, that the tests must
+# catch (tests/mutants.py; MUTANTS="name ..." runs some).
+.PHONY: mutants
+mutants: $(STAMP)
+	$(PY) tests/mutants.py $(MUTANTS)
+
 $(VENV)/.installed: $(SOURCES)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_PINS) ninja setuptools wheel

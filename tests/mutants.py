@@ -1,0 +1,244 @@
+"""Mutation check: deliberate bugs the test suite must catch (``make mutants``).
+
+Each mutant is one small edit (an exact snippet of the source replaced by a wrong one)
+applied alone to a scratch copy of the working tree; the tests chosen to catch it run
+against that copy (``pytest -x``), and the mutant is caught when one of their checks
+fails. The script fails if any mutant survives, if its tests fail other than by a check
+(an assertion), or if a snippet is no longer found exactly once (the code moved:
+re-anchor the mutant, do not drop it). The working tree is never modified.
+
+Why a short targeted list rather than mutmut or cosmic-ray: those mutate every operator
+of the Python source and run the whole suite per mutant. Here a suite run costs ~9
+minutes on two cores (the Triton interpreter), most of the code that matters is Triton
+kernel source or C++ (csrc/, rebuilt per mutant) that they do not mutate meaningfully,
+and their generic mutants (``+`` -> ``-``) die in the block-level parity tests anyway. The
+bugs that slipped past the suite were structural (a merge reading one tile, a network
+plan blind to its input, a test comparing the reference with itself): each is named
+here with the tests that must see it, so a survivor points at a missing test.
+
+Usage: python tests/mutants.py [NAME ...]   (--list names them)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+ROOT = Path(__file__).resolve().parents[1]
+COPY_IGNORE = shutil.ignore_patterns(
+    ".git", ".venv*", "__pycache__", ".pytest_cache", "build", "*.egg-info"
+)
+
+
+class Mutant(NamedTuple):
+    name: str
+    path: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest arguments
+
+
+MUTANTS = [
+    # --- the whole-network plan (inception_fused/network.py, csrc/network.cpp)
+    Mutant(
+        "network-plan-ignores-transform-input",
+        "inception_fused/network.py",
+        "            if model.transform_input\n",
+        "            if False\n",
+        ("tests/test_network.py", "-k", "parity_aux_and_transform_input"),
+    ),
+    Mutant(
+        "network-plan-runs-on-zeros",
+        "inception_fused/network.py",
+        "                return plan(x)\n",
+        "                return plan(torch.zeros_like(x))\n",
+        ("tests/test_network.py", "-k", "parity_sizes and not empty"),
+    ),
+    Mutant(
+        "network-plan-reads-bgr",
+        "csrc/network.cpp",
+        "const T v = src[n * sn + ch * sc + h * sh + w * sw];",
+        "const T v = src[n * sn + (c_in_ - 1 - ch) * sc + h * sh + w * sw];",
+        ("tests/test_network.py", "-k", "parity_aux_and_transform_input"),
+    ),
+    # --- Triton kernels, one or more per family
+    Mutant(  # conv_tile: every KxK conv of the whole Triton network reads flipped taps
+        "whole-network-flipped-spatial-taps",
+        "inception_fused/kernels/conv_tile.py",
+        "+ (tap * w_tap_rows + kk)[:, None] * w_s_k",
+        "+ ((KS * KS - 1 - tap) * w_tap_rows + kk)[:, None] * w_s_k",
+        ("tests/test_googlenet.py", "-k", "whole_network_through_triton"),
+    ),
+    Mutant(  # pointwise: the first reduce column never reaches the scratch
+        "pointwise-drops-first-reduce-column",
+        "inception_fused/kernels/pointwise.py",
+        "col_ok & (cols >= C1),",
+        "col_ok & (cols > C1),",
+        ("tests/test_eval_forward.py",),
+    ),
+    Mutant(  # the interpreter's max propagates NaN anyway: only the PTX check sees it
+        "pool-max-drops-nan-in-ptx",
+        "inception_fused/kernels/conv_tile.py",
+        "a = tl.maximum(a, v, propagate_nan=tl.PropagateNan.ALL)",
+        "a = tl.maximum(a, v)",
+        ("tests/test_gpu_compile.py", "-k", "compile_for_sm90 and eval"),
+    ),
+    Mutant(  # spatial: the eval (and train) launch B covers its first row tile only
+        "spatial-first-row-tile-only",
+        "inception_fused/kernels/spatial.py",
+        "            ceil_div(m, cfg.block_m),\n"
+        "            ceil_div(c3, cfg.block_n) + ceil_div(c5, cfg.block_n),",
+        "            1,\n            ceil_div(c3, cfg.block_n) + ceil_div(c5, cfg.block_n),",
+        ("tests/test_row_tiles.py", "-k", "eval"),
+    ),
+    Mutant(  # batch_norm: statistics merge the first BLOCK_T tiles' partials only
+        "bn-stats-first-chunk-of-tiles-only",
+        "inception_fused/kernels/batch_norm.py",
+        "for t0 in range(0, num_tiles, BLOCK_T):",
+        "for t0 in range(0, BLOCK_T, BLOCK_T):",
+        ("tests/test_row_tiles.py",),
+    ),
+    Mutant(
+        "bn-wrong-eps",
+        "inception_fused/kernels/batch_norm.py",
+        "var_eps = div_rn(m2, n_a) + eps",
+        "var_eps = div_rn(m2, n_a) + 2 * eps",
+        ("tests/test_training.py",),
+    ),
+    Mutant(
+        "bn-biased-running-var",
+        "inception_fused/kernels/batch_norm.py",
+        "div_rn(m2, n_a - 1.0)",
+        "div_rn(m2, n_a)",
+        ("tests/test_training.py",),
+    ),
+    Mutant(  # relu_bn_backward: BN backward sums tile 0's partials only
+        "bn-backward-sums-tile-0-only",
+        "inception_fused/kernels/relu_bn_backward.py",
+        "ok = (t < TILES)[:, None] & col_ok[None, :]",
+        "ok = (t < 1)[:, None] & col_ok[None, :]",
+        ("tests/test_row_tiles.py",),
+    ),
+    Mutant(  # reduce_grad: the data-gradient conv reads its kernel unflipped
+        "reduce-grad-unflipped-kernel",
+        "inception_fused/kernels/reduce_grad.py",
+        "w_ptr = tl.where(is3, w3_ptr, w5_ptr) + (ks * ks - 1) * tap_size",
+        "w_ptr = tl.where(is3, w3_ptr, w5_ptr)",
+        ("tests/test_train_backward.py",),
+    ),
+    Mutant(  # input_grad: the pool gradient goes to the argmax and every later tap
+        "input-grad-pool-argmax",
+        "inception_fused/kernels/input_grad.py",
+        "acc += tl.where(best == t, dpooled, 0.0)",
+        "acc += tl.where(best >= t, dpooled, 0.0)",
+        ("tests/test_train_backward.py",),
+    ),
+    Mutant(  # train_backward: the pool projection's weight gradient against x, not pooled
+        "train-backward-pool-proj-weight-grad",
+        "inception_fused/kernels/train_backward.py",
+        "pool_w=g[:, pool_col:].t() @ pooled,",
+        "pool_w=g[:, pool_col:].t() @ x.permute(0, 2, 3, 1).reshape(m, c_in),",
+        ("tests/test_googlenet.py", "-k", "train_parity"),
+    ),
+    # --- the C++ backend (rebuilt in the scratch copy)
+    Mutant(  # after the first C++ mutant's full build, one file's rebuild
+        "csrc-pool-window-misses-right-column",
+        "csrc/pointwise.cpp",
+        "ww <= std::min(w + 1, s.width - 1);",
+        "ww <= std::min(w, s.width - 1);",
+        ("tests/test_cpu_backend.py",),
+    ),
+]
+
+
+def check_anchors(mutants: list[Mutant]) -> None:
+    moved = [
+        f"{m.name}: {m.path} has the snippet {count} times"
+        for m in mutants
+        if (count := (ROOT / m.path).read_text().count(m.old)) != 1
+    ]
+    if moved:
+        sys.exit("mutants whose code moved (re-anchor them):\n  " + "\n  ".join(moved))
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, float, str]:
+    start = time.monotonic()
+    done = subprocess.run(
+        cmd, check=False, cwd=cwd, env=env, capture_output=True, text=True
+    )
+    return done.returncode, time.monotonic() - start, done.stdout + done.stderr
+
+
+def build(tree: Path, env: dict[str, str]) -> None:
+    cmd = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
+    code, seconds, output = run(cmd, tree, env)
+    if code:
+        sys.exit(f"build_ext failed in the scratch copy:\n{output[-3000:]}")
+    print(f"  (extension rebuilt in {seconds:.0f} s)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants")
+    args = parser.parse_args()
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:42} {m.path}  ->  {' '.join(m.tests)}")
+        return
+    unknown = set(args.names) - {m.name for m in MUTANTS}
+    if unknown:
+        sys.exit(f"unknown mutants: {sorted(unknown)}")
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    check_anchors(chosen)
+    # C++ mutants last: each rebuilds the extension, and the copy is thrown away after.
+    chosen.sort(key=lambda m: m.path.startswith("csrc/"))
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="inception-mutants-") as tmp:
+        tree = Path(tmp) / "tree"
+        shutil.copytree(ROOT, tree, ignore=COPY_IGNORE, symlinks=True)
+        env = os.environ | {"PYTHONPATH": str(tree)}
+        probe = "import inception_fused; print(inception_fused.__file__)"
+        where = run([sys.executable, "-c", probe], tree, env)[2].strip().splitlines()
+        if not where or not where[-1].startswith(str(tree)):
+            sys.exit(f"the scratch copy's package is not the one imported: {where}")
+        survivors, broken = [], []
+        for m in chosen:
+            target = tree / m.path
+            original = target.read_text()
+            target.write_text(original.replace(m.old, m.new))
+            if m.path.startswith("csrc/"):
+                build(tree, env)
+            cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+            code, seconds, output = run([*cmd, *m.tests], tree, env)
+            target.write_text(original)
+            failed = [ln for ln in output.splitlines() if ln.startswith("FAILED")]
+            # Caught means a check failed; any other error (an import, a TypeError in a
+            # half-edited tree) would otherwise count every mutant as caught.
+            by_check = bool(failed) and any(
+                f" - {word}" in failed[0] for word in ("AssertionError", "assert ")
+            )
+            if code == 0:
+                verdict = "SURVIVED"
+                survivors.append(m.name)
+            elif code == 1 and by_check:
+                verdict = "caught"
+            else:
+                verdict = "ERROR"
+                broken.append(m.name)
+                print(output[-2000:])
+            print(f"{verdict:9} {m.name:42} {seconds:5.0f} s  {' '.join(failed[:1])}")
+    print(f"{len(chosen)} mutants in {time.monotonic() - start:.0f} s")
+    if survivors or broken:
+        sys.exit(f"survived: {survivors}; failed other than by a check: {broken}")
+
+
+if __name__ == "__main__":
+    main()
