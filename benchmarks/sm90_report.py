@@ -1,8 +1,10 @@
 """What an H100 would make of the kernels, read without one: an sm_90a codegen report.
 
 Every Triton launch the launchers make (eval forward, train forward, backward) for the
-nine GoogLeNet configurations at batches 1, 32 and 256, in bf16, fp16 and fp32 (fp64 at
-batch 1: gradcheck's dtype), is recorded on meta tensors and compiled for sm_90a as
+nine GoogLeNet configurations at batches 1 to 256, for channels_last and NCHW inputs, in
+bf16, fp16, fp32 with TF32 (torch's default for convs), fp32 with TF32 off
+(``fp32-ieee``: FMA dots, no tensor cores) and fp64 (at batch 1: gradcheck's dtype), is
+recorded on meta tensors and compiled for sm_90a as
 Triton's runtime would specialise it (inception_fused/kernels/aot.py); identical compiles
 are read once. From the cubin (cuobjdump and nvdisasm from the Triton wheel):
 registers, spilled (local) and stack bytes, LDL/STL count, shared memory, the MMA
@@ -14,8 +16,8 @@ TMA: a software-pipelined main loop) and CTAs per SM.
     python benchmarks/sm90_report.py --configs 3a --batches 32 --dtypes bf16 --check
     python benchmarks/sm90_report.py --readme README.md
 
-``--check`` fails a row on any spill, a tl.dot kernel without HGMMA, a tl.dot conv main
-loop without asynchronous loads, or shared memory over 227 KiB per block.
+``--check`` fails a row on any spill, a tensor-core tl.dot kernel without HGMMA, a tl.dot
+conv main loop without asynchronous loads, or shared memory over 227 KiB per block.
 
 Writes benchmarks/results/sm90-static.csv (one row per distinct compile) and
 benchmarks/results/sm90-roofline.csv (FLOPs, minimum bytes and the H100 lower bound per
@@ -35,6 +37,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from unittest import mock
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
 
@@ -45,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from inception_fused.configs import GOOGLENET_CONFIGS
+from inception_fused.kernels import launch as launch_settings
 from inception_fused.kernels.aot import (
     MODES,
     Launch,
@@ -69,8 +73,10 @@ DTYPES = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
     "fp32": torch.float32,
+    "fp32-ieee": torch.float32,  # recorded with TF32 off: FMA dots
     "fp64": torch.float64,
 }
+LAYOUTS = ("channels_last", "nchw")
 BATCHES = (1, 8, 32, 128, 256)  # the benchmark grid's
 FP64_BATCHES = (1,)
 BRANCH3_KERNEL = 5  # the paper's; 3 (torchvision) compiles to the same binaries
@@ -123,7 +129,7 @@ class Row:
             )
         if self.shared_bytes > SMEM_PER_BLOCK:
             found.append(f"shared {self.shared_bytes // 1024} KiB > 227 KiB")
-        if self.uses_dot and self.mma != "HGMMA":
+        if self.uses_dot and self.mma != "HGMMA" and self.dtype != "fp32-ieee":
             found.append(f"tl.dot without HGMMA ({self.mma})")
         if self.uses_dot and not self.async_loads:
             found.append("main loop not pipelined (no LDGSTS/TMA)")
@@ -212,38 +218,50 @@ def analyse(launch: Launch, mode: str, dtype: str, live: bool = False) -> Row:
 
 
 def collect(
-    configs, batches, dtypes, modes, live=False, candidates=True, log=print
-) -> tuple[list[Row], list[TileKey]]:
+    configs, batches, dtypes, modes, live=False, candidates=True, layouts=LAYOUTS,
+    log=print,
+) -> tuple[list[Row], list[TileKey]]:  # fmt: skip
     """The distinct compiles of every launch (and, with ``candidates``, of every tile
     config the GPU tuner may try), and the tile keys seen."""
     rows: dict[str, Row] = {}
     keys: list[TileKey] = []
     for dname in dtypes:
         dtype = DTYPES[dname]
+        # What input_precision reads from torch's flags, as a user would set them.
+        tf32 = mock.patch.object(
+            launch_settings, "_cudnn_conv_allows_tf32", lambda d=dname: d == "fp32"
+        )
         for name in configs:
             cfg = GOOGLENET_CONFIGS[name]
             for batch in FP64_BATCHES if dname == "fp64" else batches:
-                shape = (cfg.channels, batch, cfg.spatial, dtype, BRANCH3_KERNEL, modes)
-                recorded = [("choice", module_launches(*shape))]
-                if candidates:
-                    recorded.append(("candidate", module_launches(*shape, keys=keys)))
-                for role, found in recorded:
-                    for mode, launches in found.items():
-                        for launch in launches:
-                            key = launch_key(launch)
-                            if key not in rows:
-                                start = time.perf_counter()
-                                rows[key] = analyse(launch, mode, dname, live)
-                                rows[key].role = role
-                                log(
-                                    f"[{len(rows)}] {launch.name} {dname} {mode} {role} "
-                                    f"{name}/{batch}: {rows[key].registers} regs, "
-                                    f"{time.perf_counter() - start:.1f} s",
-                                    flush=True,
-                                )
-                            point = f"{name}/{batch}"
-                            if point not in rows[key].used_by:
-                                rows[key].used_by.append(point)
+                for layout in layouts:
+                    shape = (cfg.channels, batch, cfg.spatial, dtype, BRANCH3_KERNEL,
+                             modes)  # fmt: skip
+                    cl = layout == "channels_last"
+                    with tf32:
+                        recorded = [
+                            ("choice", module_launches(*shape, channels_last=cl))
+                        ]
+                        if candidates:
+                            found = module_launches(*shape, keys=keys, channels_last=cl)
+                            recorded.append(("candidate", found))
+                    point = f"{name}/{batch}" + ("" if cl else "/nchw")
+                    for role, found in recorded:
+                        for mode, launches in found.items():
+                            for launch in launches:
+                                key = launch_key(launch)
+                                if key not in rows:
+                                    start = time.perf_counter()
+                                    rows[key] = analyse(launch, mode, dname, live)
+                                    rows[key].role = role
+                                    log(
+                                        f"[{len(rows)}] {launch.name} {dname} {mode} "
+                                        f"{role} {point}: {rows[key].registers} regs, "
+                                        f"{time.perf_counter() - start:.1f} s",
+                                        flush=True,
+                                    )
+                                if point not in rows[key].used_by:
+                                    rows[key].used_by.append(point)
     return list(rows.values()), list(dict.fromkeys(keys))
 
 
@@ -381,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     parser.add_argument("--check", action="store_true", help="exit 1 on failing rows")
     parser.add_argument("--readme", type=Path, help="rewrite its sm90-report section")
     parser.add_argument(
@@ -412,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         tuple(args.modes),
         args.live,
         candidates=not args.no_candidates,
+        layouts=args.layouts,
     )
     if not args.no_write:
         # Rows of other Triton versions stay: the CSV holds one grid per Triton.

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from .folding import FoldedInception
-from .kernels.launch import kernel_layout, on_device
+from .kernels.launch import aligned_rows, kernel_layout, on_device
 from .kernels.pointwise import launch_pointwise
 from .kernels.spatial import launch_spatial
 
@@ -55,7 +55,7 @@ def inception_eval_forward(x: torch.Tensor, f: FoldedInception) -> torch.Tensor:
     )
     if plan.m == 0:
         return out
-    scratch = torch.empty((plan.m, plan.c_red), device=x.device, dtype=x.dtype)
+    scratch = aligned_rows(plan.m, plan.c_red, x.dtype, x.device)
     with on_device(x):
         launch_pointwise(
             x,

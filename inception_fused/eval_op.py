@@ -50,10 +50,13 @@ def _eval_forward_op(
     """
     if backend not in OP_BACKENDS:
         raise ValueError(f"backend must be one of {OP_BACKENDS}, got {backend!r}")
-    # The kernels index the packed weights as dense matrices; a compiled graph may hand
-    # them over in another layout.
-    weights = (t.contiguous() for t in (stem_w, stem_b, pool_w, pool_b, w3, b3, w5, b5))
-    f = FoldedInception(*weights, c1, r3, k3, k5)
+    # The kernels index the packed weights as dense matrices (the Triton kernels take
+    # stem_w's row stride: padded on a GPU); a compiled graph may hand them over in
+    # another layout.
+    if backend != "triton" or stem_w.stride(1) != 1:
+        stem_w = stem_w.contiguous()
+    weights = (t.contiguous() for t in (stem_b, pool_w, pool_b, w3, b3, w5, b5))
+    f = FoldedInception(stem_w, *weights, c1, r3, k3, k5)
     if backend == "triton":
         return inception_eval_forward(x, f)
     # A traced graph folds per call and passes no transform: make it here (cheap next to

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .kernels.launch import outside_graph_pools
+from .kernels.launch import aligned_rows, compiled_for_gpu, outside_graph_pools
 from .reference import ConvBlock, InceptionModule
 
 
@@ -176,8 +176,11 @@ def fold_inception(
     pool_w, pool_b = pool
     w3, b3 = conv3
     w5, b5 = conv5
+    stem_w = torch.cat([w for w, _ in parts], 1)
+    if compiled_for_gpu(stem_w):  # the C++ backend reads a contiguous one
+        stem_w = aligned_rows(*stem_w.shape, dtype, stem_w.device).copy_(stem_w)
     return FoldedInception(
-        stem_w=torch.cat([w for w, _ in parts], 1).contiguous(),
+        stem_w=stem_w,
         stem_b=torch.cat([b for _, b in parts]),
         pool_w=pool_w,
         pool_b=pool_b,

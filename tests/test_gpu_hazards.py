@@ -4,6 +4,8 @@ input layout on a GPU, caches and constants during a CUDA graph capture, nn.Data
 replicas. The capture and pool tests that need a device run on CUDA only.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import DEVICE, ON_GPU, assert_close, make_reference
@@ -11,8 +13,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map_only
 
 from inception_fused import FusedInceptionModule, folding
-from inception_fused.folding import conv_blocks
-from inception_fused.kernels.launch import kernel_layout, outside_graph_pools
+from inception_fused.eval_launch import inception_eval_forward
+from inception_fused.folding import conv_blocks, fold_inception, pack_raw_inception
+from inception_fused.kernels.input_grad import launch_input_grad
+from inception_fused.kernels.launch import (
+    aligned_rows,
+    kernel_layout,
+    outside_graph_pools,
+)
 from inception_fused.training import _train_backward_op, _train_forward_op
 
 SMALL = (12, 5, 6, 7, 3, 4, 3)  # in, c1, r3, c3, r5, c5, pool
@@ -249,3 +257,24 @@ def test_cached_constants_and_tuning_buffers_stay_out_of_a_graph_pool():
     assert pool_of(in_pool) == tuple(pool)  # the routing works as simulated
     assert pool_of(vector) != tuple(pool)
     assert pool_of(buffer) != tuple(pool)
+
+
+def test_kernels_read_stem_weights_by_their_padded_row_stride():
+    """On a GPU the folded stem weights' rows are padded to 16 elements (aligned vector
+    loads); the interpreter, handed such a fold, must give the same output, eval and
+    train's input gradient."""
+    torch.manual_seed(0)
+    ref = make_reference(*SMALL).to(DEVICE).eval()
+    x = torch.randn(2, SMALL[0], 4, 5, device=DEVICE)
+    f = fold_inception(ref, torch.float32)
+    padded = aligned_rows(*f.stem_w.shape, f.stem_w.dtype, f.stem_w.device)
+    assert padded.stride(0) == 16 != f.stem_w.shape[1]
+    f_padded = dataclasses.replace(f, stem_w=padded.copy_(f.stem_w))
+    with torch.no_grad():
+        assert_close(inception_eval_forward(x, f_padded), ref(x))
+    w = pack_raw_inception(ref, torch.float32)
+    w_padded = dataclasses.replace(
+        w, stem_w=aligned_rows(*w.stem_w.shape, w.stem_w.dtype, DEVICE).copy_(w.stem_w)
+    )
+    g = aligned_rows(x.shape[0] * 20, 50, torch.float32, DEVICE).normal_()
+    assert_close(launch_input_grad(g, w_padded, x), launch_input_grad(g, w, x))

@@ -86,11 +86,13 @@ def module_launches(
     branch3_kernel: int = 3,
     modes: tuple[str, ...] = MODES,
     keys: list | None = None,
+    channels_last: bool = True,
 ) -> dict[str, list[Launch]]:
     """The launches of one Inception module's eval forward, train forward (batch
-    statistics) and backward at this shape, by mode, recorded on meta tensors. Given a
-    list ``keys``, each conv launch is also recorded with every tile config the GPU tuner
-    may try, and its tiles.TileKey appended to ``keys``."""
+    statistics) and backward at this shape, by mode, recorded on meta tensors, for a
+    channels_last input or (``channels_last=False``) an NCHW one. Given a list ``keys``,
+    each conv launch is also recorded with every tile config the GPU tuner may try, and
+    its tiles.TileKey appended to ``keys``."""
     from ..eval_launch import inception_eval_forward
     from ..folding import BNParams, fold_inception, pack_raw_inception
     from ..reference import InceptionModule
@@ -100,7 +102,8 @@ def module_launches(
     module = InceptionModule(*channels, branch3_kernel=branch3_kernel)
     module = module.to("meta", dtype)
     x = torch.empty(batch, channels[0], side, side, device="meta", dtype=dtype)
-    x = x.contiguous(memory_format=torch.channels_last)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     found: dict[str, list[Launch]] = {}
     every = (
         launching_every_candidate() if keys is not None else contextlib.nullcontext()

@@ -74,6 +74,7 @@ def input_grad_kernel(
     K_STEM,
     C_POOL,
     stem_w_ptr,  # [C_in, K_STEM]: the forward's packed weights, read transposed
+    STEM_W_STRIDE,
     pool_w_ptr,  # [C_in, C_POOL]
     x_ptr,
     sx_n,
@@ -102,7 +103,7 @@ def input_grad_kernel(
     s_n, s_c, s_h, s_w = nhwc_strides(H, W, GC)
     acc = stored_conv_tile(
         g_ptr, s_n, s_c, s_h, s_w, n, oh, ow, row_ok, H, W, K_STEM, stem_w_ptr, 0, 1,
-        K_STEM, cols, col_ok, 1, False, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT,
+        STEM_W_STRIDE, cols, col_ok, 1, False, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT,
         INPUT_PRECISION, ACC_DTYPE,
     )  # fmt: skip
     # Pixel p sits at tap t of the window centred on q = p - (t // 3 - 1, t % 3 - 1); it
@@ -144,9 +145,9 @@ def launch_input_grad(
     def run(cfg: TileConfig) -> None:
         grid = (ceil_div(m, cfg.block_m), ceil_div(c_in, cfg.block_n))
         input_grad_kernel[grid](
-            g, g[:, pool_col:], g.stride(0), col3, cp, w.stem_w, w.pool_w, x,
-            *nchw_strides(x), grad_x, *nchw_strides(grad_x), m, h, wd, c_in,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            g, g[:, pool_col:], g.stride(0), col3, cp, w.stem_w, w.stem_w.stride(0),
+            w.pool_w, x, *nchw_strides(x), grad_x, *nchw_strides(grad_x), m, h, wd,
+            c_in, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             USE_DOT=cfg.use_dot, INPUT_PRECISION=input_precision(x.dtype),
             ACC_DTYPE=acc_dtype(x.dtype), num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,

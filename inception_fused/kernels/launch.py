@@ -62,6 +62,17 @@ def kernel_layout(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def aligned_rows(
+    rows: int, cols: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """An uninitialised [rows, cols] matrix whose row stride is a multiple of 16 elements:
+    Triton then knows every row's start is 16-byte aligned and loads rows with vector,
+    asynchronous copies (a row stride like 4b's 296 or 136 gives scalar loads)."""
+    return torch.empty((rows, ceil_div(cols, 16) * 16), dtype=dtype, device=device)[
+        :, :cols
+    ]
+
+
 def nchw_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     """Element strides of a 4-D tensor in NCHW index order, whatever its memory layout."""
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)

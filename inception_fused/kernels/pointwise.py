@@ -35,11 +35,13 @@ def inception_pointwise_kernel(
     stride_xh,
     stride_xw,
     stem_w_ptr,
+    STEM_W_STRIDE,  # stem_w's row stride (padded to 16 elements on a GPU)
     stem_b_ptr,
     pool_w_ptr,
     pool_b_ptr,
     out_ptr,
     scratch_ptr,
+    SCRATCH_STRIDE,
     part_mean_ptr,
     part_m2_ptr,  # train statistics [num_m_tiles, C_OUT + C_RED]: output, then reduce
     M,
@@ -71,8 +73,8 @@ def inception_pointwise_kernel(
         col_ok = cols < n_cols
         acc = stored_conv_tile(
             x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, n, oh, ow, row_ok, H, W,
-            C_in, stem_w_ptr, C_in, n_cols, 1, cols, col_ok, 1, False, BLOCK_M, BLOCK_N,
-            BLOCK_K, USE_DOT, INPUT_PRECISION, ACC_DTYPE,
+            C_in, stem_w_ptr, C_in, STEM_W_STRIDE, 1, cols, col_ok, 1, False, BLOCK_M,
+            BLOCK_N, BLOCK_K, USE_DOT, INPUT_PRECISION, ACC_DTYPE,
         )  # fmt: skip
         # Columns [0, C1) are branch 1's output; [C1, C1 + C_RED) feed launch B. Their
         # statistics go to partial columns [0, C1) and [C_OUT, C_OUT + C_RED).
@@ -101,7 +103,7 @@ def inception_pointwise_kernel(
             cols,
             col_ok & (cols >= C1),  # not ~to_out: Triton 3.3 interpreter cannot invert
             scratch_ptr - C1,
-            C_RED,
+            SCRATCH_STRIDE,
             rows,
             row_ok,
             pid_m,
@@ -174,8 +176,9 @@ def launch_pointwise(
         n_cols = c_pool if pool else c1 + c_red
         grid = (ceil_div(m, tiles.block_m), ceil_div(n_cols, tiles.block_n))
         inception_pointwise_kernel[grid](
-            x, *x.stride(), stem_w, stem_b, pool_w, pool_b, out, scratch, part_mean,
-            part_m2, m, h, w, c_in, c1, c_red, c_pool, c_out, c_out - c_pool,
+            x, *x.stride(), stem_w, stem_w.stride(0), stem_b, pool_w, pool_b, out,
+            scratch, scratch.stride(0), part_mean, part_m2, m, h, w, c_in, c1, c_red,
+            c_pool, c_out, c_out - c_pool,
             POOL_TILES=pool, TRAIN=train, STATS=partials is not None,
             BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
             USE_DOT=tiles.use_dot, INPUT_PRECISION=input_precision(x.dtype),

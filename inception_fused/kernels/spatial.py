@@ -22,6 +22,7 @@ from .tiles import TileKey, check_partial_rows, pick
 @triton.jit
 def inception_spatial_kernel(
     red_ptr,  # scratch [M, R3 + R5]: the two reduce outputs side by side
+    RED_STRIDE,  # its row stride (padded to 16 elements on a GPU)
     red_mean_ptr,
     red_invstd_ptr,
     red_gamma_ptr,
@@ -72,7 +73,7 @@ def inception_spatial_kernel(
     cols = tl.where(is3, pid_n, pid_n - tiles3) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
     c_red = R3 + R5
-    s_n, s_c, s_h, s_w = nhwc_strides(H, W, c_red)
+    s_n, s_c, s_h, s_w = nhwc_strides(H, W, RED_STRIDE)
     acc = conv_tile(
         red_ptr + red0,
         s_n,
@@ -164,9 +165,9 @@ def launch_spatial(
             ceil_div(c3, cfg.block_n) + ceil_div(c5, cfg.block_n),
         )
         inception_spatial_kernel[grid](
-            reduced, *bn_vectors, w3, b3, w5, b5, out, part_mean, part_m2, m, h, w, r3,
-            r5, c3, c5, k3, k5, c_out, col3, TRAIN=train, STATS=partials is not None,
-            IN_BN=red_bn is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            reduced, reduced.stride(0), *bn_vectors, w3, b3, w5, b5, out, part_mean,
+            part_m2, m, h, w, r3, r5, c3, c5, k3, k5, c_out, col3, TRAIN=train,
+            STATS=partials is not None, IN_BN=red_bn is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k, USE_DOT=cfg.use_dot,
             INPUT_PRECISION=input_precision(out.dtype), ACC_DTYPE=acc_dtype(out.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,

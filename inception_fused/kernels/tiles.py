@@ -9,8 +9,8 @@ winner measured on a GPU by ``benchmarks/tune_tiles.py``), else the rule. The in
 keeps the rule's one config (big tiles: it pays per program).
 
 On CUDA, the first launch of a key times every candidate (``candidates``: the choice
-first) and keeps the fastest for the process, per GPU model and fp32 precision (TF32 or
-IEEE). A key holds M's power-of-two bucket, not M: the rule's tiles are the same across
+first) and keeps the fastest for the process, per GPU model. A key says whether fp32
+runs with TF32 off (``ieee``: FMA dots, which need smaller K steps). A key holds M's power-of-two bucket, not M: the rule's tiles are the same across
 a bucket, so a new batch size re-tunes only when it crosses one. Launches too small to
 fill a GPU (``TINY_GEMM``) are not timed. A candidate that fails to compile or launch
 (shared memory over another GPU's limit, a ptxas error) is skipped. Every candidate list
@@ -73,6 +73,7 @@ class TileKey(NamedTuple):
     n: int
     k: int
     ks: int = 1
+    ieee: bool = False  # fp32 with TF32 off: FMA dots, other tiles and timings
 
     @classmethod
     def of(
@@ -85,11 +86,16 @@ class TileKey(NamedTuple):
         k: int,
         ks: int = 1,
     ) -> TileKey:
-        """The key of a launch with ``m`` rows."""
-        return cls(kernel, mode, dtype, m_bucket(m), n, k, ks)
+        """The key of a launch with ``m`` rows, under torch's current fp32 precision."""
+        ieee = dtype == torch.float32 and input_precision(dtype) == "ieee"
+        return cls(kernel, mode, dtype, m_bucket(m), n, k, ks, ieee)
 
     def as_json(self) -> dict:
-        return self._asdict() | {"dtype": DTYPE_NAMES[self.dtype]}
+        """The table's key: ``ieee`` only where it is set."""
+        fields = self._asdict() | {"dtype": DTYPE_NAMES[self.dtype]}
+        if not self.ieee:
+            del fields["ieee"]
+        return fields
 
     @classmethod
     def from_json(cls, fields: dict) -> TileKey:
@@ -104,7 +110,13 @@ def m_bucket(m: int) -> int:
 
 def rule(key: TileKey, on_gpu: bool) -> TileConfig:
     """The tiles a shape gets without a table entry."""
-    cfg = tile_config(key.dtype, key.m, key.n, key.k, on_gpu)
+    cfg = _kernel_rule(key, tile_config(key.dtype, key.m, key.n, key.k, on_gpu), on_gpu)
+    if key.ieee and on_gpu and cfg.use_dot:
+        return _fma_dot_tiles(key, cfg)
+    return cfg
+
+
+def _kernel_rule(key: TileKey, cfg: TileConfig, on_gpu: bool) -> TileConfig:
     if key.kernel == "pool":
         return pool_tile_config(cfg, on_gpu)
     if key.kernel == "spatial" and key.mode == "train" and on_gpu and cfg.use_dot:
@@ -124,13 +136,27 @@ def rule(key: TileKey, on_gpu: bool) -> TileConfig:
     return cfg
 
 
+def _fma_dot_tiles(key: TileKey, cfg: TileConfig) -> TileConfig:
+    """fp32 with TF32 off: tl.dot runs on FMAs and holds its A and B fragments in
+    registers, so the tensor-core tiles spill (sm90 report, grid ``fp32-ieee``)."""
+    if key.mode != "train":  # 128-row spatial and reduce_grad tiles spill 16-32 B
+        return dataclasses.replace(cfg, block_m=64)
+    # Train tiles keep their rows (one statistics partials matrix).
+    if cfg.block_m == 128:  # a K step of 32 spills 16-24 B
+        return dataclasses.replace(cfg, block_k=min(cfg.block_k, 16))
+    # 64 rows on eight warps spill 8-24 B; on four, the spatial tiles (their BN
+    # prologue holds more) still spill 8-16 B at 4a-4d unless their N tile is halved.
+    block_n = 32 if key.kernel == "spatial" else cfg.block_n
+    return dataclasses.replace(cfg, num_warps=4, block_n=block_n)
+
+
 def candidates(key: TileKey) -> list[TileConfig]:
     """The GPU configs the tuner tries for ``key``, the table's (or rule's) choice first:
     one more pipeline stage, eight warps, a wider N tile (16-bit eval stem tiles)
     and, where the rows per tile are free, half the rows. Each is in the report's --check."""
     first = choice(key, True)
-    if not first.use_dot:  # fp64: one config
-        return [first]
+    if not first.use_dot or key.ieee:  # fp64, and fp32 on FMAs (not worth a timing,
+        return [first]  # and its registers are tight): one config
     base = rule(key, True)
     found = [
         first,
@@ -197,8 +223,8 @@ def choice(key: TileKey, on_gpu: bool) -> TileConfig:
     return table().get(key, rule(key, True)) if on_gpu else rule(key, False)
 
 
-# Picks and timings per (GPU model, fp32 dot precision, key).
-TuneKey = tuple[str, str, TileKey]
+# Picks and timings per (GPU model, key).
+TuneKey = tuple[str, TileKey]
 _tuned: dict[TuneKey, TileConfig] = {}
 _timings: dict[TuneKey, dict[TileConfig, float]] = {}
 _recording: list[TileKey] | None = None
@@ -254,7 +280,7 @@ def pick(
     device = tuning_device(t)
     if device is None:
         return choice(key, t.is_meta)
-    tune_key = (device, input_precision(key.dtype), key)
+    tune_key = (device, key)
     best = _tuned.get(tune_key)
     if best is not None:  # also during a capture: the graph holds the tuned tiles
         return best
@@ -273,7 +299,7 @@ def _tune(tune_key: TuneKey, launch: Callable[[TileConfig], object]) -> TileConf
     """Time every candidate of ``tune_key``, keep the fastest; a failing one is skipped
     (raised only when every candidate fails)."""
     times, errors = {}, []
-    for cfg in candidates(tune_key[2]):
+    for cfg in candidates(tune_key[1]):
         try:
             times[cfg] = _time(lambda c=cfg: launch(c))
         except _CANDIDATE_ERRORS as err:
@@ -288,7 +314,7 @@ def _tune(tune_key: TuneKey, launch: Callable[[TileConfig], object]) -> TileConf
 def tuned() -> dict[TileKey, dict[TileConfig, float]]:
     """Every key tuned in this process: each candidate's time in ms (for one GPU model
     and precision: the last tuned wins where a process tuned several)."""
-    return {key: times for (_, _, key), times in _timings.items()}
+    return {key: times for (_, key), times in _timings.items()}
 
 
 @contextlib.contextmanager

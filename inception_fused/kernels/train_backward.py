@@ -22,7 +22,7 @@ import torch
 
 from ..folding import BNParams, FoldedInception
 from .input_grad import launch_input_grad
-from .launch import ceil_div, kernel_layout, nchw_strides
+from .launch import aligned_rows, kernel_layout, nchw_strides
 from .reduce_grad import launch_reduce_grad
 from .relu_bn_backward import relu_bn_backward
 from .train_forward import TrainForward
@@ -97,9 +97,7 @@ def train_backward_flat(
     col3 = c1 + r
     pool_col = col3 + c3 + c5
     dtype, dev = x.dtype, x.device
-    # Row stride a multiple of 16 elements: the kernels then know every row's start is
-    # aligned, and load G with 16-byte asynchronous copies.
-    g = torch.empty((m, ceil_div(gc, 16) * 16), dtype=dtype, device=dev)[:, :gc]
+    g = aligned_rows(m, gc, dtype, dev)
     row = g.stride(0)
     g_strides = (h * wd * row, 1, wd * row, row)
     if bn is None:
