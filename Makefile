@@ -85,9 +85,10 @@ $(OLDEST_VENV)/.installed: setup.py
 clean:
 	rm -rf build *.egg-info inception_fused/*.so .system-install.stamp $(OLDEST_VENV)/src
 
-# make gpu-check [SYSTEM_PYTHON=1]: on a GPU machine, the CUDA suite, the sm_90a report
-# against the live device and the benchmark grid (benchmarks/gpu_check.py; --dry-run
-# prints the steps anywhere).
+# make gpu-check [SYSTEM_PYTHON=1] [QUICK=1]: on a GPU machine, the CUDA suite, the sm_90a
+# report against the live device and the benchmark grid; QUICK=1: the 9-minute first
+# contact, logs and rows in benchmarks/results/first-contact (benchmarks/gpu_check.py;
+# --dry-run prints the steps anywhere).
 .PHONY: gpu-check
 gpu-check: $(STAMP)
-	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_FLAGS)
+	$(PY) benchmarks/gpu_check.py $(if $(QUICK),--quick) $(GPU_CHECK_FLAGS)
