@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
+# pytest's traceback lines that name what was raised: "E   TypeError: ...", "E   assert ..."
+RAISED = re.compile(r"E\s+(\w+(Error|Exception)\b|assert )")
 COPY_IGNORE = shutil.ignore_patterns(
     ".git", ".venv*", "__pycache__", ".pytest_cache", "build", "*.egg-info"
 )
@@ -220,10 +223,16 @@ def main() -> None:
             code, seconds, output = run([*cmd, *m.tests], tree, env)
             target.write_text(original)
             failed = [ln for ln in output.splitlines() if ln.startswith("FAILED")]
-            # Caught means a check failed; any other error (an import, a TypeError in a
-            # half-edited tree) would otherwise count every mutant as caught.
-            by_check = bool(failed) and any(
-                f" - {word}" in failed[0] for word in ("AssertionError", "assert ")
+            # Caught means a check failed: the first exception pytest reports is an
+            # assertion. Any other error (an import, a TypeError in a half-edited tree)
+            # would count every mutant as caught.
+            raised = [
+                ln.split(maxsplit=1)[1]
+                for ln in output.splitlines()
+                if RAISED.match(ln)
+            ]
+            by_check = bool(raised) and raised[0].startswith(
+                ("AssertionError", "assert ")
             )
             if code == 0:
                 verdict = "SURVIVED"
