@@ -1,17 +1,23 @@
-"""The whole GoogLeNet eval forward as one C++ call: the network plan.
+"""The whole GoogLeNet eval forward as a network plan: one C++ call, or 25 Triton launches.
 
-:func:`build_plan` decides once, in Python, what the C++ backend runs (csrc/network.h):
-every conv's BatchNorm folded into its weights and bias, weights packed for the GEMM
-micro-kernel, Winograd transforms for the 3x3 convs, the Inception blocks' folds taken
-from the blocks themselves (:meth:`FusedInceptionModule.folded`), the stride-2 max pools
-between stages, and the head (average pool, eval dropout = identity, FC). The plan holds
-its activation buffers between calls.
+The plan is the same on both backends: every conv's BatchNorm folded into its weights and
+bias, the Inception blocks' folds taken from the blocks themselves
+(:meth:`FusedInceptionModule.folded`), transform_input applied while conv1 loads the
+image, maxpool1 taken while conv2 loads its input, the stride-2 max pools between stages
+written once, and the head (average pool, eval dropout = identity, FC) in one step.
+:func:`build_plan` hands it to the C++ backend (csrc/network.h: weights packed for its
+GEMM micro-kernel, Winograd transforms for the 3x3 convs, activation buffers held between
+calls); :func:`build_triton_plan` to the Triton kernels (kernels/conv.py, max_pool.py,
+head.py and the blocks' two launches each): conv1, conv2 with its pool, conv3, maxpool2,
+nine blocks of two launches, maxpool3, maxpool4 and the head make 25 launches, with no
+host synchronisation.
 
 :class:`FusedGoogLeNet` is what :func:`~inception_fused.fuse_googlenet` turns a
 torchvision ``GoogLeNet`` into: same modules, parameters and state dict, whose forward
-runs the plan where it applies (eval mode, no autograd, float32/float64 CPU input, C++
-backend, no hooks, not being traced) and torchvision's forward otherwise (training with
-aux heads, torch.compile / torch.export / ONNX export, CUDA, other dtypes, hooks).
+runs the plan where it applies (eval mode, no autograd, no autocast, no hooks, not being
+traced; float32/float64 on the C++ backend for CPU tensors, any float dtype on the Triton
+backend for CUDA tensors or the interpreter) and torchvision's forward otherwise
+(training with aux heads, torch.compile / torch.export / ONNX export, hooks).
 """
 
 from __future__ import annotations
@@ -25,8 +31,13 @@ from torch import nn
 from torchvision.models.googlenet import BasicConv2d, GoogLeNet
 
 from .cpu import CPU_DTYPES, load_extension, winograd_transform, winograd_weights
+from .eval_launch import inception_eval_forward
 from .fold_cache import FoldCache, module_tensors
-from .folding import FoldedInception, fold_conv_block, pack_weight
+from .folding import FoldedInception, accumulator_dtype, fold_conv_block, pack_weight
+from .kernels.conv import launch_conv_relu
+from .kernels.head import launch_avg_pool_fc
+from .kernels.launch import interpreting, on_device
+from .kernels.max_pool import launch_max_pool
 from .module import FusedInceptionModule
 
 # Blocks in forward order and the max pool torchvision's GoogLeNet takes after each
@@ -85,8 +96,9 @@ def _is_pool(pool: nn.Module, kernel: int) -> bool:
     )
 
 
-def plan_applies(model: GoogLeNet) -> bool:
-    """Whether ``model`` has the layer structure network.cpp executes."""
+def plan_applies(model: GoogLeNet, backend: str = "cpu") -> bool:
+    """Whether ``model`` has the layer structure the plan executes, with blocks that run
+    on ``backend`` ("cpu" or "triton")."""
     blocks = [getattr(model, name, None) for name, _ in BLOCKS]
     avgpool = getattr(model, "avgpool", None)
     return (
@@ -100,7 +112,7 @@ def plan_applies(model: GoogLeNet) -> bool:
         and all(
             isinstance(b, FusedInceptionModule)
             and b.batch_norm
-            and b.backend in ("auto", "cpu")
+            and b.backend in ("auto", backend)
             for b in blocks
         )
         and type(avgpool) is nn.AdaptiveAvgPool2d
@@ -121,6 +133,14 @@ def blocks_folded(model: GoogLeNet, dtype: torch.dtype) -> tuple[FoldedInception
     return tuple(getattr(model, name).folded(dtype) for name, _ in BLOCKS)
 
 
+def _has_hooks(modules: tuple[nn.Module, ...]) -> bool:
+    from torch.nn.modules import module as module_globals
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 @dataclass
 class NetworkPlan:
     """The C++ plan plus what it was built from (kept alive: the plan points into it)."""
@@ -131,17 +151,64 @@ class NetworkPlan:
     modules: tuple[nn.Module, ...]  # whose hooks would be skipped
 
     def has_hooks(self) -> bool:
-        from torch.nn.modules import module as module_globals
-
-        if (
-            module_globals._global_forward_hooks
-            or module_globals._global_forward_pre_hooks
-        ):
-            return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
+        return _has_hooks(self.modules)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.cpp.forward(x)
+
+
+@dataclass
+class TritonPlan:
+    """The plan's tensors for the Triton kernels, and its forward as 25 launches."""
+
+    dtype: torch.dtype
+    transform: torch.Tensor | None  # [4, 3]: 0, 1, scale, shift per image channel
+    stem: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # conv1..3: packed w, bias
+    folds: tuple[FoldedInception, ...]
+    fc: tuple[torch.Tensor, torch.Tensor]  # weight [classes, C], bias
+    modules: tuple[nn.Module, ...]
+
+    def has_hooks(self) -> bool:
+        return _has_hooks(self.modules)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        (w1, b1), (w2, b2), (w3, b3) = self.stem
+        with on_device(x):
+            x = launch_conv_relu(x, w1, b1, 7, stride=2, transform=self.transform)
+            x = launch_conv_relu(x, w2, b2, 1, pool=True)  # maxpool1 while loading
+            x = launch_max_pool(launch_conv_relu(x, w3, b3, 3), 3)
+            for f, (_, pool) in zip(self.folds, BLOCKS, strict=True):
+                x = inception_eval_forward(x, f)
+                if pool:
+                    x = launch_max_pool(x, pool)
+            return launch_avg_pool_fc(x, *self.fc)
+
+
+def _transform_vectors(dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(
+        [(0.0,) * 3, (1.0,) * 3, TRANSFORM_SCALE, TRANSFORM_SHIFT], dtype=dtype
+    )
+
+
+def build_triton_plan(
+    model: GoogLeNet, dtype: torch.dtype, folds: tuple[FoldedInception, ...]
+) -> TritonPlan:
+    """Fold every layer of ``model`` for the Triton kernels, once."""
+    device = model.fc.weight.device
+    acc = accumulator_dtype(dtype)
+    with torch.no_grad():
+        stem = tuple(
+            fold_conv_block(getattr(model, n), dtype)
+            for n in ("conv1", "conv2", "conv3")
+        )
+        transform = None
+        if model.transform_input:
+            transform = _transform_vectors(acc).to(device)
+        fc = (
+            model.fc.weight.detach().to(dtype),
+            model.fc.bias.detach().to(acc).contiguous(),
+        )
+    return TritonPlan(dtype, transform, stem, folds, fc, tuple(model.modules()))
 
 
 def build_plan(
@@ -157,11 +224,8 @@ def build_plan(
         folds = blocks_folded(model, dtype)
     empty = torch.empty(0, dtype=dtype)
     with torch.no_grad():
-        transform = (
-            torch.tensor([TRANSFORM_SCALE, TRANSFORM_SHIFT], dtype=dtype)
-            if model.transform_input
-            else empty
-        )
+        # The C++ plan takes the scale and shift rows.
+        transform = _transform_vectors(dtype)[2:] if model.transform_input else empty
         # The C++ side reads every tensor in the network's dtype.
         stem = [
             fold_conv_block(getattr(model, n), dtype)
@@ -193,40 +257,52 @@ class FusedGoogLeNet(GoogLeNet):
     :func:`~inception_fused.unfuse_googlenet` switches it back.
     """
 
-    _network_plan: NetworkPlan | None = None
+    _network_plan: NetworkPlan | TritonPlan | None = None
 
     def forward(self, x: torch.Tensor):
         if self.training:
             self._network_plan = None  # train-mode forwards update BN statistics
-        elif self._runs_plan(x):
-            plan = self._plan(x.dtype)
+        elif (backend := self._plan_backend(x)) is not None:
+            plan = self._plan(x.dtype, backend)
             if not plan.has_hooks():  # hooks expect their modules to run
                 return plan(x)
         return super().forward(x)
 
-    def _runs_plan(self, x: torch.Tensor) -> bool:
+    def _plan_backend(self, x: torch.Tensor) -> str | None:
+        """The backend whose plan runs ``x``: "cpu", "triton", or None (torchvision's
+        forward)."""
         if (
             torch.compiler.is_compiling()
             or torch.jit.is_tracing()
             or torch.jit.is_scripting()
             or torch.onnx.is_in_onnx_export()
             or not isinstance(x, torch.Tensor)
-            or x.device.type != "cpu"
-            or x.dtype not in CPU_DTYPES
+            or not x.is_floating_point()
             or x.dim() != 4
             or x.shape[1] != self.conv1.conv.in_channels
             or x.dtype != self.conv1.conv.weight.dtype
             or x.device != self.conv1.conv.weight.device
+            or torch.is_autocast_enabled(x.device.type)
             or not _large_enough(x.shape[2], x.shape[3])
         ):
-            return False
+            return None
+        if x.is_cuda:
+            backend = "triton"
+        elif x.device.type != "cpu" or x.dtype not in CPU_DTYPES:
+            return None
+        else:
+            blocks = (getattr(self, name, None) for name, _ in BLOCKS)
+            interpreted = interpreting() and all(
+                getattr(b, "backend", None) == "triton" for b in blocks
+            )
+            backend = "triton" if interpreted else "cpu"
         if torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         ):
-            return False  # autograd needs the per-layer graph
-        return plan_applies(self)
+            return None  # autograd needs the per-layer graph
+        return backend if plan_applies(self, backend) else None
 
-    def _plan(self, dtype: torch.dtype) -> NetworkPlan:
+    def _plan(self, dtype: torch.dtype, backend: str) -> NetworkPlan | TritonPlan:
         """The cached plan, rebuilt as a block's fold would be (fold_cache.FoldCache:
         replaced or written tensors, optimizer steps, train-mode forwards through
         ``num_batches_tracked``) or when a block refolded."""
@@ -234,11 +310,12 @@ class FusedGoogLeNet(GoogLeNet):
         cache = self.__dict__.get("_plan_cache")
         if cache is None or self._network_plan is None:
             cache = self.__dict__["_plan_cache"] = FoldCache()
+        build = build_triton_plan if backend == "triton" else build_plan
         # The plan holds the folds, so their ids stay unique while it is cached.
-        key = (dtype, self.transform_input, tuple(map(id, folds)))
+        key = (dtype, backend, self.transform_input, tuple(map(id, folds)))
         self._network_plan = cache.get(
             module_tensors(stem_modules(self)),
-            lambda: build_plan(self, dtype, folds),
+            lambda: build(self, dtype, folds),
             key,
         )
         return self._network_plan

@@ -53,7 +53,14 @@ def captured_launches() -> Iterator[list[Launch]]:
     def record(kernel, *args, grid, warmup, **kwargs):
         launches.append(Launch(kernel, args, kwargs, tuple(grid)))
 
-    with mock.patch.object(JITFunction, "run", record):
+    # Under TRITON_INTERPRET=1 the kernels are InterpretedFunctions: recorded the same
+    # (their names count; only compiled JITFunctions can be specialised).
+    from triton.runtime.interpreter import InterpretedFunction
+
+    with (
+        mock.patch.object(JITFunction, "run", record),
+        mock.patch.object(InterpretedFunction, "run", record),
+    ):
         yield launches
 
 

@@ -94,7 +94,9 @@ def bn_relu_pass_kernel(
     ok = (rows < M)[:, None] & col_ok[None, :]
     offs = rows.to(tl.int64)[:, None] * C + cols[None, :]  # 64-bit: M*C may pass 2**31
     z = tl.load(z_ptr + offs, mask=ok, other=0.0)
-    y = bn_relu(z, ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, cols, col_ok, BN, ACC)
+    y = bn_relu(
+        z, ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, cols, col_ok, BN, ACC, True
+    )
     tl.store(out_ptr + offs, y, mask=ok)
 
 

@@ -1,9 +1,10 @@
 """The one piece of arithmetic every Inception kernel shares: an implicit-GEMM conv tile.
 
-A tile is BLOCK_M output pixels × BLOCK_N output channels. A KSxKS 'same' conv over an
-NHWC-strided input is a GEMM whose K dimension runs over (tap, input channel); a 1x1 conv is
-the KS=1 case, and the pool projection is the KS=1 case with a 3x3/s1/p1 max taken while the
-input tile is loaded, so the pooled tensor never exists in memory. The weight is read
+A tile is BLOCK_M output pixels × BLOCK_N output channels. A KSxKS conv (padding KS // 2,
+stride STRIDE) over an NHWC-strided input is a GEMM whose K dimension runs over (tap, input
+channel); a 1x1 conv is the KS=1 case, and the pool projection is the KS=1 case with a 3x3
+max taken while the input tile is loaded (the block's 3x3/s1/p1, or GoogLeNet's stem's
+3x3/s2 ceil-mode pool before conv2), so the pooled tensor never exists in memory. The weight is read
 through strides: the forward passes its packed [KS*KS*C_in, C_out] matrix (C_in rows per
 tap, row stride C_out), the backward the same matrix flipped or transposed in place, so no
 gradient step repacks a weight.
@@ -11,6 +12,8 @@ gradient step repacks a weight.
 Train mode adds two switches: a prologue that applies the producing layer's BN+ReLU to the
 input while loading it (the 3x3/5x5 convs read pre-activation reduce outputs), and an
 epilogue that stores the pre-activation z with per-tile channel statistics for BatchNorm.
+The same prologue without the ReLU applies torchvision's transform_input to the image
+GoogLeNet's first conv reads.
 """
 
 import triton
@@ -29,7 +32,7 @@ def conv_tile(
     ow,
     row_ok,  # [BLOCK_M] output pixel coordinates of this tile and their mask
     H,
-    W,
+    W,  # the input's height and width
     C_in,
     w_ptr,
     w_tap_rows,
@@ -37,27 +40,29 @@ def conv_tile(
     w_s_n,  # weight [KS*KS, C_in, n]: (tap * w_tap_rows + k) * w_s_k + n * w_s_n
     cols,
     col_ok,
-    KS,  # odd kernel size, 'same' padding; a runtime value so one grid serves 3x3 and 5x5
+    KS,  # odd kernel size, padding KS // 2; a runtime value so one grid serves 3x3 and 5x5
     in_mean_ptr,
     in_invstd_ptr,
     in_gamma_ptr,
     in_beta_ptr,  # per input channel BN vectors, read only when IN_BN
-    POOL: tl.constexpr,  # take the 3x3/s1/p1 max of the input while loading it
+    POOL: tl.constexpr,  # take a 3x3 max of the input while loading it
     IN_RELU: tl.constexpr,  # input is pre-activation: apply (BN +) ReLU while loading
-    IN_BN: tl.constexpr,
+    IN_BN: tl.constexpr,  # (x - mean) * invstd * gamma + beta while loading
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr,  # False for float64: tl.dot has no fp64
     INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 tl.dot
     ACC_DTYPE: tl.constexpr,
+    STRIDE: tl.constexpr,  # the conv's
+    POOL_STRIDE: tl.constexpr,  # 1: 3x3/s1/p1 windows; 2: 3x3/s2, ceil mode, no pad
 ):
     acc = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
     pad = KS // 2
     n64 = n.to(tl.int64) * stride_xn  # 64-bit: N*H*W*C may pass 2**31
     for tap in range(KS * KS):
-        ih = oh + tap // KS - pad
-        iw = ow + tap % KS - pad
+        ih = oh * STRIDE + tap // KS - pad
+        iw = ow * STRIDE + tap % KS - pad
         tap_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         pix = n64 + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
         for k0 in range(0, C_in, BLOCK_K):
@@ -65,13 +70,13 @@ def conv_tile(
             k_ok = kk < C_in
             chan = kk.to(tl.int64) * stride_xc
             if POOL:
-                # The window's centre is the output pixel itself, so every valid row sees at
-                # least one real value and the -inf padding never survives the max.
+                # Every window holds a real value (s1: its centre, the output pixel; s2 in
+                # ceil mode: its first tap), so the -inf padding never survives the max.
                 a = tl.full((BLOCK_M, BLOCK_K), float("-inf"), x_ptr.dtype.element_ty)
                 for dh in tl.static_range(3):
                     for dw in tl.static_range(3):
-                        ph = oh + (dh - 1)
-                        pw = ow + (dw - 1)
+                        ph = oh * POOL_STRIDE + (dh - 2 + POOL_STRIDE)
+                        pw = ow * POOL_STRIDE + (dw - 2 + POOL_STRIDE)
                         ok = row_ok & (ph >= 0) & (ph < H) & (pw >= 0) & (pw < W)
                         p = (
                             n64
@@ -92,7 +97,7 @@ def conv_tile(
                     mask=tap_ok[:, None] & k_ok[None, :],
                     other=0.0,
                 )
-                if IN_RELU:
+                if IN_RELU or IN_BN:
                     a = bn_relu(
                         a,
                         tap_ok[:, None] & k_ok[None, :],
@@ -104,6 +109,7 @@ def conv_tile(
                         k_ok,
                         IN_BN,
                         ACC_DTYPE,
+                        IN_RELU,
                     )
             b = tl.load(
                 w_ptr
@@ -133,14 +139,26 @@ def stored_conv_tile(
         x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, n, oh, ow, row_ok, H, W, C_in,
         w_ptr, w_tap_rows, w_s_k, w_s_n, cols, col_ok, KS, w_ptr, w_ptr, w_ptr, w_ptr,
         POOL, False, False, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, INPUT_PRECISION, ACC_DTYPE,
+        1, 1,
     )  # fmt: skip
 
 
 @triton.jit
 def bn_relu(
-    a, ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, kk, k_ok, BN: tl.constexpr, ACC
+    a,
+    ok,
+    mean_ptr,
+    invstd_ptr,
+    gamma_ptr,
+    beta_ptr,
+    kk,
+    k_ok,
+    BN: tl.constexpr,
+    ACC,
+    RELU: tl.constexpr,
 ):
-    """relu(gamma * (a - mean) * invstd + beta) (or relu(a)) on in-bounds taps only.
+    """relu(gamma * (a - mean) * invstd + beta) (or relu(a); without RELU the affine
+    alone) on in-bounds taps only.
 
     The conv's zero padding lives in the activated tensor, so out-of-bounds taps must stay
     0 rather than become relu(beta - gamma * mean * invstd).
@@ -152,7 +170,9 @@ def bn_relu(
         gamma = tl.load(gamma_ptr + kk, mask=k_ok, other=0.0).to(ACC)
         beta = tl.load(beta_ptr + kk, mask=k_ok, other=0.0).to(ACC)
         v = (v - mean[None, :]) * (invstd * gamma)[None, :] + beta[None, :]
-    v = tl.where(ok, relu(v), 0.0)
+    if RELU:
+        v = relu(v)
+    v = tl.where(ok, v, 0.0)
     return v.to(a.dtype)
 
 

@@ -107,6 +107,8 @@ def inception_spatial_kernel(
         USE_DOT,
         INPUT_PRECISION,
         ACC_DTYPE,
+        1,
+        1,
     )
     store_tile(
         acc,

@@ -1,0 +1,87 @@
+"""GoogLeNet's stride-2 max pools between stages (3x3 or 2x2, ceil mode, no padding),
+written once into a channels_last map.
+
+Taking them while the next block loads its input would multiply the reads: launch A reads
+its input once per column tile (and the pool tiles take their own 3x3 window on top), so
+each pooled value would be recomputed from 4-9 inputs several times; the pooled map is a
+quarter of the input, and writing it once costs less (README, "bytes model").
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .conv import pooled_size
+from .conv_tile import tile_pixels
+from .launch import ceil_div, nchw_strides, pow2_clamp
+
+
+@triton.jit
+def max_pool_kernel(
+    x_ptr,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    out_ptr,  # [M, C] row-major: channels_last
+    M,
+    H_OUT,
+    W_OUT,
+    H,
+    W,
+    C,
+    KERNEL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    rows, n, oh, ow, row_ok = tile_pixels(tl.program_id(0), M, H_OUT, W_OUT, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    chan = cols.to(tl.int64)[None, :] * stride_xc
+    n64 = n.to(tl.int64) * stride_xn
+    # A window's first tap is inside the input (ceil mode), so -inf never survives.
+    best = tl.full((BLOCK_M, BLOCK_C), float("-inf"), x_ptr.dtype.element_ty)
+    for dh in tl.static_range(KERNEL):
+        for dw in tl.static_range(KERNEL):
+            ih = oh * 2 + dh
+            iw = ow * 2 + dw
+            ok = row_ok & (ih < H) & (iw < W)
+            pix = n64 + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+            v = tl.load(
+                x_ptr + pix[:, None] + chan,
+                mask=ok[:, None] & col_ok[None, :],
+                other=float("-inf"),
+            )
+            best = tl.maximum(best, v, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(
+        out_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :],
+        best.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
+
+
+def launch_max_pool(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """max_pool2d(x, kernel, stride 2, ceil_mode=True) as a channels_last tensor."""
+    n, c, h, w = x.shape
+    h_out, w_out = pooled_size(h, kernel), pooled_size(w, kernel)
+    out = torch.empty(
+        (n, c, h_out, w_out),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=torch.channels_last,
+    )
+    m = n * h_out * w_out
+    if m == 0:
+        return out
+    # Elementwise work: wide channel tiles (16-byte vectors per row on the GPU), and the
+    # interpreter's biggest tiles.
+    block_m = 32 if x.is_cuda or x.is_meta else pow2_clamp(m, 16, 256)
+    block_c = pow2_clamp(c, 16, 128)
+    grid = (ceil_div(m, block_m), ceil_div(c, block_c))
+    max_pool_kernel[grid](
+        x, *nchw_strides(x), out, m, h_out, w_out, h, w, c, KERNEL=kernel,
+        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4,
+    )  # fmt: skip
+    return out
