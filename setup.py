@@ -15,17 +15,27 @@ sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 if sources:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    # The kernels twice on x86-64: a baseline build (SSE2, runs on every x86-64 CPU) and
-    # an AVX2 + FMA one; inception_fused/cpu.py loads the one the CPU runs.
-    variants = {"_C": ["-Wno-psabi"]}
+    # One kernel source built per x86-64 ISA (csrc/gemm.h takes its vector width and
+    # register blocking from these flags): baseline (SSE2, runs on every x86-64 CPU),
+    # AVX2 + FMA and AVX-512; inception_fused/cpu.py loads the best one the CPU runs.
+    variants = {"_C": []}
     if os.uname().machine == "x86_64":
         variants["_C_avx2"] = ["-mavx2", "-mfma"]
+        variants["_C_avx512"] = [
+            "-mavx512f",
+            "-mavx512bw",
+            "-mavx512vl",
+            "-mavx512dq",
+            "-mfma",
+        ]
     for name, flags in variants.items():
         ext_modules.append(
             CppExtension(
                 f"inception_fused.{name}",
                 sources,
-                extra_compile_args=["-O3", "-fopenmp", *flags],
+                # Hidden symbols: a process imports the baseline build and another,
+                # whose kernels share C++ names but not instructions.
+                extra_compile_args=["-O3", "-fopenmp", "-fvisibility=hidden", *flags],
                 extra_link_args=["-fopenmp"],
             )
         )

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "inception_cpu.h"
@@ -108,6 +109,22 @@ at::Tensor winograd_weights_tensor(const at::Tensor& w) {
   return u;
 }
 
+// Whether this CPU (and OS) runs a build's instructions: "avx2" (AVX2 + FMA) or
+// "avx512" (F/BW/VL/DQ + FMA). Asked of the baseline build before another is imported,
+// since torch's capability can be forced past what the CPU runs.
+bool cpu_runs(const std::string& isa) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == "avx2") return avx2;
+  if (isa == "avx512")
+    return avx2 && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq");
+#endif
+  return false;
+}
+
 }  // namespace inception_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -122,8 +139,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("winograd_w3") = pybind11::none(),
         pybind11::arg("winograd_w5") = pybind11::none(),
         pybind11::call_guard<pybind11::gil_scoped_release>());
-  // module_local: the baseline and AVX2 builds both define this type; a process that
-  // imports both must not register it twice.
+  // module_local: every build defines this type; a process that imports two must not
+  // register it twice.
   pybind11::class_<inception_cpu::NetworkPlan>(
       m, "NetworkPlan", pybind11::module_local(),
       "GoogLeNet's eval forward over folded, packed weights as one call (network.h "
@@ -132,6 +149,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("tensors"), pybind11::arg("ints"))
       .def("forward", &inception_cpu::NetworkPlan::forward, pybind11::arg("x"),
            pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("cpu_runs", &inception_cpu::cpu_runs,
+        "Whether this CPU runs the 'avx2' or 'avx512' build", pybind11::arg("isa"));
+  m.def("vector_bits", [] { return 8 * inception_cpu::kVectorBytes; },
+        "This build's SIMD vector width in bits");
   m.def("winograd_weights", &inception_cpu::winograd_weights_tensor,
         "Winograd F(2x2, 3x3) transform G g G^T of packed 3x3 weights [9 C, cols] -> "
         "[16 C, cols] (row = xi * C + c)",

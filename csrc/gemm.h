@@ -16,22 +16,32 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace inception_cpu {
 
-// 256-bit SIMD vector of T (AVX2 with -march=x86-64-v3; plain loops elsewhere),
-// through GCC/Clang vector extensions so one kernel source serves float and double.
+// This build's SIMD vector: the width is the ISA setup.py compiles the build for
+// (128-bit baseline x86-64, 256-bit AVX2 + FMA, 512-bit AVX-512), through GCC/Clang
+// vector extensions so one kernel source serves every width, float and double.
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#elif defined(__AVX2__)
+constexpr int kVectorBytes = 32;
+#else
+constexpr int kVectorBytes = 16;
+#endif
+
 template <typename T>
-struct Simd;
-template <>
-struct Simd<float> {
-  typedef float type __attribute__((vector_size(32)));
-  static constexpr int width = 8;
-};
-template <>
-struct Simd<double> {
-  typedef double type __attribute__((vector_size(32)));
-  static constexpr int width = 4;
+struct Simd {
+  static constexpr int width = kVectorBytes / sizeof(T);
+  typedef T type __attribute__((vector_size(kVectorBytes)));
+  // Lanes of the integer type T's size: what vector comparisons give (0 or -1).
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> lane_int;
+  typedef lane_int mask __attribute__((vector_size(kVectorBytes)));
 };
 
 // Unaligned load / store of a U (a SIMD vector of T, or one T) at p.
@@ -45,6 +55,55 @@ inline U load(const T* p) {
 template <typename U, typename T>
 inline void store(T* p, U u) {
   std::memcpy(p, &u, sizeof(U));
+}
+
+// Lanes [0, n) all ones, the rest zero: the mask of a vector's first n lanes.
+template <typename T>
+inline typename Simd<T>::mask first_lanes(int n) {
+  typename Simd<T>::mask index;
+  for (int i = 0; i < Simd<T>::width; ++i) index[i] = i;
+  return index < n;
+}
+
+// The first n (0 < n < width) lanes of a SIMD vector of T at p, the rest zero, and the
+// matching store: the columns past a multiple of the width. Masked loads and stores
+// where the ISA has them (AVX2's vmaskmov, AVX-512's mask registers), so nothing is
+// read or written past the row; a byte copy on the baseline build, which has none.
+template <typename T>
+inline typename Simd<T>::type load_first(const T* p, int n) {
+  using V = typename Simd<T>::type;
+#if defined(__AVX512F__)
+  if constexpr (sizeof(T) == 4)
+    return (V)_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+  else
+    return (V)_mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p);
+#elif defined(__AVX2__)
+  if constexpr (sizeof(T) == 4)
+    return (V)_mm256_maskload_ps(p, (__m256i)first_lanes<T>(n));
+  else
+    return (V)_mm256_maskload_pd(p, (__m256i)first_lanes<T>(n));
+#else
+  V v{};
+  std::memcpy(&v, p, n * sizeof(T));
+  return v;
+#endif
+}
+
+template <typename T>
+inline void store_first(T* p, typename Simd<T>::type v, int n) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(T) == 4)
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), (__m512)v);
+  else
+    _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), (__m512d)v);
+#elif defined(__AVX2__)
+  if constexpr (sizeof(T) == 4)
+    _mm256_maskstore_ps(p, (__m256i)first_lanes<T>(n), (__m256)v);
+  else
+    _mm256_maskstore_pd(p, (__m256i)first_lanes<T>(n), (__m256d)v);
+#else
+  std::memcpy(p, &v, n * sizeof(T));
+#endif
 }
 
 // Calls body(U{}, c) for c over [0, count): U a SIMD vector of T while a whole one
@@ -94,28 +153,39 @@ struct KLayout {
   int64_t a_seg_stride;
 };
 
-// Micro-kernel tile size: MR rows x NV vectors of columns held in registers
-// (6 x 2 ymm = 12 accumulators + 2 B vectors + 1 broadcast fit AVX2's 16 registers).
+// Micro-kernel tile: kTileRows rows x kTileVecs vectors of columns held in registers.
+// AVX2 and the baseline have 16 vector registers: 6 x 2 = 12 accumulators + 2 B vectors
+// + 1 broadcast. AVX-512 has 32: 12 x 2 = 24 accumulators + 2 B (FMAs broadcast A
+// from memory), twice the work per B load.
+#if defined(__AVX512F__)
+constexpr int kTileRows = 12;
+#else
 constexpr int kTileRows = 6;
+#endif
 constexpr int kTileVecs = 2;
 
-// One MR x (NV * width) tile of C at column j.
-template <typename T, int MR, int NV>
+// One MR x (NV * width) tile of C at column j; with Edge, its last vector covers only
+// the `lanes` columns left of the row (masked loads and stores).
+template <typename T, int MR, int NV, bool Edge>
 inline void micro_tile(const T* const* a_rows, const KLayout& kl, const T* b,
-                       int64_t ldb, const T* bias, T* const* c_rows, int64_t j) {
+                       int64_t ldb, const T* bias, T* const* c_rows, int64_t j,
+                       int lanes) {
   using V = typename Simd<T>::type;
   constexpr int W = Simd<T>::width;
+  const auto load_b = [&](const T* p, int v) {
+    return Edge && v == NV - 1 ? load_first(p, lanes) : load<V>(p);
+  };
   V acc[MR][NV] = {};
   for (int64_t s = 0; s < kl.segments; ++s) {
     const T* a[MR];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) a[i] = a_rows[i] + s * kl.a_seg_stride;
     const T* b_row = b + s * kl.seg_len * ldb + j;
     for (int64_t k = 0; k < kl.seg_len; ++k, b_row += ldb) {
       V bv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) bv[v] = load<V>(b_row + v * W);
-#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) bv[v] = load_b(b_row + v * W, v);
+#pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) {
         const T ai = a[i][k];
 #pragma GCC unroll 4
@@ -125,54 +195,45 @@ inline void micro_tile(const T* const* a_rows, const KLayout& kl, const T* b,
   }
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
-    const V bias_v = bias ? load<V>(bias + j + v * W) : V{};
-#pragma GCC unroll 8
+    const V bias_v = bias ? load_b(bias + j + v * W, v) : V{};
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const V r = acc[i][v] + bias_v;
-      store(c_rows[i] + j + v * W, bias ? relu(r) : r);
+      const V r = bias ? relu(acc[i][v] + bias_v) : acc[i][v];
+      if (Edge && v == NV - 1)
+        store_first(c_rows[i] + j + v * W, r, lanes);
+      else
+        store(c_rows[i] + j + v * W, r);
     }
   }
 }
 
-// The last ncols - j (< one vector) columns, for channel counts not a multiple of the
-// vector width: scalar, only odd shapes take it.
-template <typename T>
-inline void edge_columns(int64_t rows, const T* const* a_rows, const KLayout& kl,
-                         const T* b, int64_t ldb, const T* bias, T* const* c_rows,
-                         int64_t j, int64_t ncols) {
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t col = j; col < ncols; ++col) {
-      T acc = 0;
-      for (int64_t s = 0; s < kl.segments; ++s) {
-        const T* a = a_rows[i] + s * kl.a_seg_stride;
-        const T* b_col = b + s * kl.seg_len * ldb + col;
-        for (int64_t k = 0; k < kl.seg_len; ++k) acc += a[k] * b_col[k * ldb];
-      }
-      if (bias) acc = relu(acc + bias[col]);
-      c_rows[i][col] = acc;
-    }
-  }
-}
-
-// A full-height tile (kTileRows) or the block's last, shorter one.
-template <typename T, int NV>
+// A full-height tile (MR = kTileRows) or the block's last, shorter one (mr < MR).
+template <typename T, int NV, bool Edge, int MR = kTileRows>
 inline void row_tile(int64_t mr, const T* const* a_rows, const KLayout& kl, const T* b,
-                     int64_t ldb, const T* bias, T* const* c_rows, int64_t j) {
-  switch (mr) {
-    case 6: micro_tile<T, 6, NV>(a_rows, kl, b, ldb, bias, c_rows, j); break;
-    case 5: micro_tile<T, 5, NV>(a_rows, kl, b, ldb, bias, c_rows, j); break;
-    case 4: micro_tile<T, 4, NV>(a_rows, kl, b, ldb, bias, c_rows, j); break;
-    case 3: micro_tile<T, 3, NV>(a_rows, kl, b, ldb, bias, c_rows, j); break;
-    case 2: micro_tile<T, 2, NV>(a_rows, kl, b, ldb, bias, c_rows, j); break;
-    default: micro_tile<T, 1, NV>(a_rows, kl, b, ldb, bias, c_rows, j); break;
+                     int64_t ldb, const T* bias, T* const* c_rows, int64_t j,
+                     int lanes) {
+  if constexpr (MR > 1) {
+    if (mr < MR) {
+      row_tile<T, NV, Edge, MR - 1>(mr, a_rows, kl, b, ldb, bias, c_rows, j, lanes);
+      return;
+    }
   }
+  micro_tile<T, MR, NV, Edge>(a_rows, kl, b, ldb, bias, c_rows, j, lanes);
 }
-static_assert(kTileRows == 6, "row_tile dispatches tile heights 1..6");
+
+// The tiles of one column panel [j, j + NV * width), its last vector `lanes` wide.
+template <typename T, int NV, bool Edge>
+inline void panel(int64_t rows, const T* const* a_rows, const KLayout& kl, const T* b,
+                  int64_t ldb, const T* bias, T* const* c_rows, int64_t j, int lanes) {
+  for (int64_t i = 0; i < rows; i += kTileRows)
+    row_tile<T, NV, Edge>(std::min<int64_t>(kTileRows, rows - i), a_rows + i, kl, b,
+                          ldb, bias, c_rows + i, j, lanes);
+}
 
 // C[:, col_begin:col_end] = relu(A @ B[:, col_begin:col_end] + bias) for `rows` rows
 // (without bias and ReLU when bias is null).
 // Column panels outermost, so one B panel is reused by every row tile of the block
-// while it sits in L1/L2.
+// while it sits in L1/L2. Columns past a multiple of the width: one masked vector.
 template <typename T>
 void gemm(int64_t rows, const T* const* a_rows, const KLayout& kl, const T* b,
           int64_t ldb, const T* bias, T* const* c_rows, int64_t col_begin,
@@ -180,14 +241,11 @@ void gemm(int64_t rows, const T* const* a_rows, const KLayout& kl, const T* b,
   constexpr int W = Simd<T>::width;
   int64_t j = col_begin;
   for (; j + kTileVecs * W <= col_end; j += kTileVecs * W)
-    for (int64_t i = 0; i < rows; i += kTileRows)
-      row_tile<T, kTileVecs>(std::min<int64_t>(kTileRows, rows - i), a_rows + i, kl, b,
-                             ldb, bias, c_rows + i, j);
+    panel<T, kTileVecs, false>(rows, a_rows, kl, b, ldb, bias, c_rows, j, W);
   for (; j + W <= col_end; j += W)
-    for (int64_t i = 0; i < rows; i += kTileRows)
-      row_tile<T, 1>(std::min<int64_t>(kTileRows, rows - i), a_rows + i, kl, b, ldb,
-                     bias, c_rows + i, j);
-  if (j < col_end) edge_columns(rows, a_rows, kl, b, ldb, bias, c_rows, j, col_end);
+    panel<T, 1, false>(rows, a_rows, kl, b, ldb, bias, c_rows, j, W);
+  if (j < col_end)
+    panel<T, 1, true>(rows, a_rows, kl, b, ldb, bias, c_rows, j, col_end - j);
 }
 
 }  // namespace inception_cpu

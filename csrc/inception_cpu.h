@@ -61,10 +61,15 @@ struct PaddedMap {
 
 // Work is split into blocks of output pixels times column chunks, so that even a
 // 7x7 map at batch 1 gives every thread several tasks.
-constexpr int64_t kBlockRows = 8 * kTileRows;
+// The same blocks in every build (whole tiles of every width's register blocking), so
+// a build changes how fast a task runs, never how the work is split.
+constexpr int64_t kBlockRows = 48;
+static_assert(kBlockRows % kTileRows == 0, "a block is whole row tiles");
 template <typename T>
 constexpr int64_t chunk_cols() {
-  return 4 * kTileVecs * Simd<T>::width;
+  constexpr int64_t cols = 256 / sizeof(T);
+  static_assert(cols % (kTileVecs * Simd<T>::width) == 0, "a chunk is whole panels");
+  return cols;
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -156,7 +161,8 @@ struct SpatialBranch {
 // Winograd F(2x2, 3x3) (winograd.cpp). Tiles of 2x2 output pixels, enumerated like
 // pixels over a (ceil(H/2), ceil(W/2)) grid; the input map needs an even interior
 // (one more zero row / column when H / W is odd).
-constexpr int64_t kWinogradTiles = 4 * kTileRows;  // tiles per task
+constexpr int64_t kWinogradTiles = 24;  // tiles per task: whole row tiles
+static_assert(kWinogradTiles % kTileRows == 0, "a Winograd task is whole row tiles");
 
 // u [16 * c_in, cols] = G g G^T of the packed 3x3 weights w [9 * c_in, cols].
 template <typename T>

@@ -12,9 +12,15 @@ from .folding import FoldedInception
 
 CPU_DTYPES = (torch.float32, torch.float64)
 
-# torch.backends.cpu.get_cpu_capability() values that imply AVX2 and FMA (torch checks
-# both before it reports AVX2).
-AVX2_CAPABILITIES = ("AVX2", "AVX512")
+# The builds setup.py makes of the same kernels, best first, each with the
+# torch.backends.cpu.get_cpu_capability() values that select it (torch checks AVX2
+# together with FMA, and AVX-512 F/BW/VL/DQ, before it reports them) and the ISA the
+# baseline build's ``cpu_runs`` confirms before it is imported.
+BUILDS = (
+    ("inception_fused._C_avx512", ("AVX512",), "avx512"),
+    ("inception_fused._C_avx2", ("AVX2",), "avx2"),
+)
+BASELINE = "inception_fused._C"
 
 _extension: ModuleType | None = None
 # Winograd-transformed 3x3 weights per FoldedInception (by id, dropped with it): the
@@ -23,35 +29,45 @@ _winograd_cache: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
 
 def extension_name(capability: str | None = None) -> str:
-    """The build of the kernels this CPU runs: ``inception_fused._C_avx2`` (AVX2 + FMA)
-    where torch's CPU capability says AVX2 or better, else the baseline ``_C``.
+    """The build of the kernels for torch's CPU capability: ``inception_fused._C_avx512``
+    (AVX-512) for ``AVX512``, ``inception_fused._C_avx2`` (AVX2 + FMA) for ``AVX2``, else
+    the baseline ``inception_fused._C``.
 
     ``capability``: ``torch.backends.cpu.get_cpu_capability()`` by default, which reads
-    the CPU (and honours ``ATEN_CPU_CAPABILITY=default`` to force the baseline).
+    the CPU and honours ``ATEN_CPU_CAPABILITY=default|avx2|avx512`` to force one.
     """
     if capability is None:
         capability = torch.backends.cpu.get_cpu_capability()
-    return (
-        "inception_fused._C_avx2"
-        if capability in AVX2_CAPABILITIES
-        else "inception_fused._C"
+    return next(
+        (name for name, capabilities, _ in BUILDS if capability in capabilities),
+        BASELINE,
     )
 
 
+def _import_build(name: str) -> ModuleType:
+    """``name``, or the next build down that is built and that this CPU runs (torch
+    reports a forced capability even where the CPU lacks it: importing that build
+    would die on an illegal instruction)."""
+    baseline = importlib.import_module(BASELINE)
+    names = [b[0] for b in BUILDS]
+    start = names.index(name) if name in names else len(BUILDS)
+    for build, _, isa in BUILDS[start:]:
+        if baseline.cpu_runs(isa):
+            try:
+                return importlib.import_module(build)
+            except ImportError:  # not built (another architecture, an old build)
+                continue
+    return baseline
+
+
 def load_extension() -> ModuleType:
-    """The compiled extension for this CPU (:func:`extension_name`); a clear error when
-    it was not built (never a silent fallback to other math)."""
+    """The compiled extension for this CPU (:func:`extension_name`, or the best build
+    below it that exists and runs here); a clear error when none was built (never a
+    silent fallback to other math)."""
     global _extension
     if _extension is None:
-        name = extension_name()
         try:
-            try:
-                _extension = importlib.import_module(name)
-            except ImportError:
-                if name == "inception_fused._C":
-                    raise
-                # Built without the AVX2 variant (e.g. on another architecture).
-                _extension = importlib.import_module("inception_fused._C")
+            _extension = _import_build(extension_name())
         except ImportError as err:
             raise RuntimeError(
                 "inception_fused's C++ CPU backend (inception_fused._C) is not built or "
@@ -60,6 +76,16 @@ def load_extension() -> ModuleType:
                 "backend='reference' for plain PyTorch on CPU."
             ) from err
     return _extension
+
+
+def loaded_build() -> str:
+    """The build this process runs, for benchmark and demo output, e.g.
+    ``"_C_avx2 (256-bit vectors; torch capability AVX2)"``."""
+    ext = load_extension()
+    return (
+        f"{ext.__name__.rsplit('.', 1)[-1]} ({ext.vector_bits()}-bit vectors; "
+        f"torch capability {torch.backends.cpu.get_cpu_capability()})"
+    )
 
 
 def winograd_transform(ext: ModuleType, w: torch.Tensor, k: int) -> torch.Tensor | None:
