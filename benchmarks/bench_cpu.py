@@ -3,7 +3,8 @@
 Eval mode, float32, batch 1 and 8 at the real feature-map sizes. "eager" is the faster of
 the reference module in channels_last and in NCHW; "compile" is torch.compile (default
 mode) of the channels_last reference. Methods are timed in interleaved rounds (wall clock,
-after warmup) so that load from other processes hits them alike; medians and 20/80
+after warmup) so that load from other processes hits them alike (in one process: they all
+run on torch's OpenMP threads, no other pool spins between them); medians and 20/80
 quantiles are printed and appended to benchmarks/results/cpu-<machine>.csv with the
 machine's description.
 
@@ -29,7 +30,7 @@ import torch
 from common import cpu_model, git_commit, slugify
 from make_table import replace_section
 
-from inception_fused import FusedInceptionModule, InceptionModule
+from inception_fused import FusedInceptionModule, InceptionModule, cpu
 from inception_fused.configs import GOOGLENET_CONFIGS
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -216,7 +217,7 @@ def main() -> None:
     }
     print(
         f"{model}, {cores} cores, {meta['threads']} threads, torch {torch.__version__}, "
-        f"commit {meta['commit']}"
+        f"C++ build {cpu.loaded_build()}, commit {meta['commit']}"
     )
     header = f"{'config':>6} {'batch':>5} {'fused ms':>16} {'eager ms':>16} "
     print(header + f"{'compile ms':>16} {'vs eager':>8} {'vs compile':>10}")

@@ -1,22 +1,30 @@
 """CPU benchmark of the whole GoogLeNet: fuse_googlenet as the README shows vs the rest.
 
-torchvision GoogLeNet (random weights, BN statistics randomised), 224x224, float32, eval,
-every engine in one process on the same input, timed in interleaved rounds (wall clock,
-after warmup) so load from other processes hits them alike. Providers:
+torchvision GoogLeNet (random weights, BN statistics randomised), 224x224, float32, eval.
+Each engine runs in its own worker process (a thread pool left spinning by one engine
+must not share the cores with the next: ONNX Runtime's and torch's OpenMP threads both
+spin after a run), in rounds whose engine order rotates, so slow drifts of the machine's
+load hit every engine alike. A worker builds its engine, checks its output against eager
+PyTorch's, warms up and times it with torch.utils.benchmark (blocked_autorange). Engines:
 
   eager-nchw              torchvision as a user has it (NCHW model and input)
   eager-channels-last     model and input converted to channels_last
   compile-freezing        torch.compile(options={"freezing": True}), channels_last
   fused                   fuse_googlenet(model), NCHW model and input (the README path)
   fused-compile-freezing  the fused model inside torch.compile with freezing
-  onnxruntime             torch.onnx.export -> onnxruntime, CPU provider
-  openvino                the same ONNX file -> OpenVINO, CPU
+  onnxruntime             torch.onnx.export -> ONNX Runtime, CPU provider, its defaults
+  openvino                the same ONNX file -> OpenVINO CPU, its default precision
+                          (bf16 where the CPU has AVX512_BF16 or AMX)
+  openvino-f32            the same with INFERENCE_PRECISION_HINT f32
 
 onnxruntime / openvino are optional (``pip install -e .[bench]``): a missing one is
-skipped with a line saying so. One command measures, appends the medians and 20/80
-quantiles to benchmarks/results/cpu-network-<machine>.csv and rewrites the README's table:
+skipped with a line saying so. Each run prints and appends to
+benchmarks/results/cpu-network-isolated-<machine>.csv the CPU model, its ISA flags, torch's
+capability, the C++ build loaded, and per engine the median and 20/80 quantiles, the
+achieved GFLOP/s (3.0 GFLOP per 224x224 image, direct-conv count) and its fraction of
+the machine's fp32 peak; then it rewrites the README's table:
 
-    python benchmarks/bench_cpu_network.py [--batches 1 8] [--threads 2] [--rounds 30]
+    python benchmarks/bench_cpu_network.py [--batches 1 8] [--rounds 3] [--min-time-s 2]
     python benchmarks/bench_cpu_network.py --table    # the markdown only, from the CSVs
 """
 
@@ -24,9 +32,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -34,30 +44,32 @@ from pathlib import Path
 
 import torch
 import torchvision
-from bench_cpu import (
-    RUN_FIELDS,
-    append_rows,
-    machine_slug,
-    newest_rows,
-    quantile,
-    time_interleaved,
-)
+from bench_cpu import RUN_FIELDS, append_rows, machine_slug, newest_rows, quantile
 from common import cpu_model, git_commit
 from make_table import replace_section
 
-from inception_fused import fuse_googlenet
+from inception_fused import cpu, fuse_googlenet
 
 RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- cpu-network-results:begin -->", "<!-- cpu-network-results:end -->"
+GFLOP_PER_IMAGE = 3.0  # GoogLeNet at 224x224, direct convolution, multiply-adds x 2
 FIELDS = [
     *RUN_FIELDS,
+    "isa",
+    "capability",
+    "build",
+    "peak_gflops",
     "batch",
     "provider",
     "median_ms",
     "q20_ms",
     "q80_ms",
     "runs",
+    "rounds",
+    "gflops",
+    "peak_fraction",
+    "max_abs_err",
     "fused_speedup",
 ]
 PROVIDERS = (
@@ -68,8 +80,12 @@ PROVIDERS = (
     "fused-compile-freezing",
     "onnxruntime",
     "openvino",
+    "openvino-f32",
 )
-BASELINE = "onnxruntime"
+# Max |logits - eager|: fp32 engines agree to rounding; OpenVINO's default may be bf16.
+TOLERANCE = {"openvino": 5e-2}
+ISA_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq")
+ISA_EXTRA = ("avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 
 
 def randomized_googlenet() -> torch.nn.Module:
@@ -86,6 +102,43 @@ def randomized_googlenet() -> torch.nn.Module:
                 m.running_mean.normal_(0, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
     return model.eval()
+
+
+def cpuinfo() -> dict[str, str]:
+    """The first processor's /proc/cpuinfo fields (empty off Linux)."""
+    info: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            info[key.strip()] = value.strip()
+    return info
+
+
+def fp32_peak(threads: int) -> tuple[float, str]:
+    """(GFLOP/s, how it was got): threads x FMA pipes x fp32 lanes x 2 x clock.
+
+    Two FMA pipes: Zen 2-5 and Intel's server cores. Lanes: 16 with AVX-512 (8 on Zen 4,
+    family 25, which runs 512-bit ops over its two 256-bit pipes), 8 with AVX2, else 4.
+    Clock: /proc/cpuinfo's "cpu MHz" (what the kernel reports: the boost clock can be
+    higher, a VM's figure is its host's nominal clock).
+    """
+    info = cpuinfo()
+    flags = set(info.get("flags", "").split())
+    zen4 = info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25"
+    if {"avx512f", "fma"} <= flags:
+        lanes = 8 if zen4 else 16
+    else:
+        lanes = 8 if {"avx2", "fma"} <= flags else 4
+    pipes = 2
+    ghz = float(info.get("cpu MHz", "0")) / 1e3
+    peak = threads * pipes * lanes * 2 * ghz
+    how = (
+        f"fp32 peak {peak:.0f} GFLOP/s = {threads} threads x {pipes} FMA pipes x "
+        f"{lanes} lanes x 2 x {ghz:.2f} GHz (/proc/cpuinfo cpu MHz)"
+    )
+    return peak, how
 
 
 def export_onnx(model: torch.nn.Module, x: torch.Tensor, path: str) -> None:
@@ -111,142 +164,192 @@ def onnxruntime_fn(path: str, threads: int) -> Callable[[torch.Tensor], object]:
     return lambda x: session.run(None, {"x": x.numpy()})[0]
 
 
-def openvino_fn(path: str, threads: int) -> Callable[[torch.Tensor], object]:
+def openvino_fn(path: str, threads: int, f32: bool) -> Callable[[torch.Tensor], object]:
     import openvino as ov
 
     core = ov.Core()
-    compiled = core.compile_model(
-        core.read_model(path),
-        "CPU",
-        {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"},
-    )
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    if f32:
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    compiled = core.compile_model(core.read_model(path), "CPU", config)
     request = compiled.create_infer_request()
     return lambda x: request.infer({0: x.numpy()})[compiled.output(0)]
 
 
-def make_providers(
-    batch: int, threads: int, names: list[str], onnx_path: str
-) -> tuple[dict[str, Callable[[], object]], torch.Tensor]:
-    """name -> zero-argument call on the same input; skipped providers are reported."""
+def make_engine(
+    name: str, threads: int, onnx_path: str
+) -> tuple[Callable[[torch.Tensor], object], bool]:
+    """One engine as a call, and whether it takes its input channels_last (converted
+    before the timing, as a user of that layout has it)."""
     model = randomized_googlenet()
-    x = torch.randn(batch, 3, 224, 224)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
-    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    fused = fuse_googlenet(copy.deepcopy(model))  # the README path: nothing else
-    fns: dict[str, Callable[[], object]] = {}
-    for name in names:
-        if name == "eager-nchw":
-            fns[name] = lambda: model(x)
-        elif name == "eager-channels-last":
-            fns[name] = lambda: model_cl(x_cl)
-        elif name == "compile-freezing":
-            compiled = torch.compile(model_cl, options={"freezing": True})
-            fns[name] = lambda c=compiled: c(x_cl)
-        elif name == "fused":
-            fns[name] = lambda: fused(x)
-        elif name == "fused-compile-freezing":
-            fused_cl = fuse_googlenet(copy.deepcopy(model_cl))
-            compiled = torch.compile(fused_cl, options={"freezing": True})
-            fns[name] = lambda c=compiled: c(x_cl)
-        elif name in ("onnxruntime", "openvino"):
-            try:
-                make = onnxruntime_fn if name == "onnxruntime" else openvino_fn
-                if not os.path.exists(onnx_path):
-                    export_onnx(model, x, onnx_path)
-                run = make(onnx_path, threads)
-            except ImportError as err:
-                print(
-                    f"skipping {name}: not installed ({err}); pip install -e .[bench]"
-                )
-                continue
-            fns[name] = lambda r=run: r(x)
-    return fns, x
+    if name == "eager-nchw":
+        return model, False
+    if name == "fused":
+        return fuse_googlenet(model), False  # the README path: nothing else
+    if name == "onnxruntime":
+        return onnxruntime_fn(onnx_path, threads), False
+    if name.startswith("openvino"):
+        return openvino_fn(onnx_path, threads, f32=name == "openvino-f32"), False
+    model = model.to(memory_format=torch.channels_last)
+    if name == "eager-channels-last":
+        return model, True
+    if name == "fused-compile-freezing":
+        model = fuse_googlenet(model)
+    return torch.compile(model, options={"freezing": True}), True
 
 
-def check_outputs(
-    fns: dict[str, Callable[[], object]], reference: torch.Tensor
-) -> None:
-    for name, fn in fns.items():
-        out = torch.as_tensor(fn())
-        err = (out - reference).abs().max().item()
-        if err > 1e-3:
-            raise AssertionError(f"{name}: max |out - eager| = {err:.3g}")
+def worker(args: argparse.Namespace) -> None:
+    """One engine, every batch: prints one JSON line per batch (times in ms)."""
+    from torch.utils.benchmark import Timer
+
+    threads = torch.get_num_threads()
+    onnx_path = str(Path(args.data) / "googlenet.onnx")
+    fn, channels_last = make_engine(args.worker, threads, onnx_path)
+    for batch in args.batches:
+        x, expected = torch.load(Path(args.data) / f"batch{batch}.pt")
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            err = (torch.as_tensor(fn(x)) - expected).abs().max().item()
+            for _ in range(2):  # warmup: compilation, primitives, the plan
+                fn(x)
+            timer = Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=threads)
+            m = timer.blocked_autorange(min_run_time=args.min_time_s)
+        times = [t * 1e3 for t in m.times]
+        print(json.dumps({"batch": batch, "times_ms": times, "err": err}), flush=True)
 
 
-def measure(args: argparse.Namespace) -> list[dict[str, object]]:
-    meta = {
+def run_worker(
+    name: str, batches: list[int], data: str, min_time_s: float
+) -> list[dict] | None:
+    """One worker process; None (and why, printed) when the engine cannot run here."""
+    cmd = [sys.executable, __file__, "--worker", name, "--data", data]
+    cmd += ["--batches", *map(str, batches), "--min-time-s", str(min_time_s)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"skipping {name}: {last}", flush=True)
+        return None
+    return [json.loads(line) for line in result.stdout.splitlines() if line[:1] == "{"]
+
+
+def prepare(data: str, batches: list[int], providers: list[str]) -> None:
+    """Inputs and eager outputs per batch, and the ONNX file, for the workers."""
+    model = randomized_googlenet()
+    g = torch.Generator().manual_seed(0)
+    for batch in batches:
+        x = torch.randn(batch, 3, 224, 224, generator=g)
+        with torch.no_grad():
+            torch.save((x, model(x)), Path(data) / f"batch{batch}.pt")
+    if any(p.startswith(("onnxruntime", "openvino")) for p in providers):
+        export_onnx(model, x, str(Path(data) / "googlenet.onnx"))
+
+
+def run_meta(threads: int) -> dict[str, object]:
+    flags = set(cpuinfo().get("flags", "").split())
+    peak, how = fp32_peak(threads)
+    return {
         "time_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
         "cores": os.cpu_count() or 1,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "torch": torch.__version__,
         "commit": git_commit(),
+        "isa": " ".join(f for f in ISA_FLAGS + ISA_EXTRA if f in flags),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "build": cpu.loaded_build().split()[0],
+        "peak_gflops": f"{peak:.0f}",
+        "_peak_how": how,
     }
+
+
+def measure(args: argparse.Namespace) -> list[dict[str, object]]:
+    meta = run_meta(torch.get_num_threads())
     print(
-        f"{meta['cpu']}, {meta['cores']} cores, {meta['threads']} threads, torch "
-        f"{meta['torch']}, commit {meta['commit']}; median ms [q20, q80]"
+        f"{meta['cpu']} ({meta['isa']}), {meta['cores']} cores, {meta['threads']} "
+        f"threads, torch {meta['torch']} capability {meta['capability']}, C++ build "
+        f"{cpu.loaded_build()}, commit {meta['commit']}\n{meta.pop('_peak_how')}",
+        flush=True,
     )
+    times: dict[tuple[str, int], list[float]] = {}
+    rounds: dict[str, int] = {}
+    errors: dict[tuple[str, int], float] = {}
+    providers = list(args.providers)
+    with tempfile.TemporaryDirectory() as data:
+        prepare(data, args.batches, providers)
+        for r in range(args.rounds):
+            order = providers[r % len(providers) :] + providers[: r % len(providers)]
+            for name in order:
+                out = run_worker(name, args.batches, data, args.min_time_s)
+                if out is None:
+                    providers.remove(name)
+                    continue
+                rounds[name] = rounds.get(name, 0) + 1
+                for res in out:
+                    key = (name, res["batch"])
+                    times.setdefault(key, []).extend(res["times_ms"])
+                    errors[key] = max(errors.get(key, 0.0), res["err"])
+                    if res["err"] > TOLERANCE.get(name, 1e-3):
+                        raise AssertionError(f"{key}: max |out - eager| = {res['err']}")
+            print(f"round {r + 1}/{args.rounds} done", flush=True)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = os.path.join(tmp, "googlenet.onnx")
-        for batch in args.batches:
-            # Models built outside inference_mode (their tensors stay normal ones).
-            fns, x = make_providers(batch, meta["threads"], args.providers, onnx_path)
-            with torch.inference_mode():
-                check_outputs(fns, randomized_googlenet()(x))
-                for fn in fns.values():  # warmup: compilation, primitives, plan
-                    for _ in range(3):
-                        fn()
-                times = time_interleaved(fns, args.rounds, args.budget_s)
-            med = {k: statistics.median(v) for k, v in times.items()}
-            for name, values in times.items():
-                rows.append(
-                    meta
-                    | {
-                        "batch": batch,
-                        "provider": name,
-                        "median_ms": f"{med[name]:.3f}",
-                        "q20_ms": f"{quantile(values, 0.2):.3f}",
-                        "q80_ms": f"{quantile(values, 0.8):.3f}",
-                        "runs": len(values),
-                        "fused_speedup": f"{med[name] / med['fused']:.3f}"
-                        if "fused" in med
-                        else "",
-                    }
-                )
-                print(
-                    f"batch {batch:>2}  {name:<24} {med[name]:8.2f} "
-                    f"[{quantile(values, 0.2):.2f}, {quantile(values, 0.8):.2f}]"
-                    + (
-                        f"  fused is {med[name] / med['fused']:.2f}x"
-                        if "fused" in med
-                        else ""
-                    ),
-                    flush=True,
-                )
+    peak = float(meta["peak_gflops"])
+    for batch in args.batches:
+        med = {n: statistics.median(times[n, batch]) for n in providers}
+        for name in providers:
+            values = times[name, batch]
+            gflops = GFLOP_PER_IMAGE * batch / (med[name] / 1e3)
+            speedup = med[name] / med["fused"] if "fused" in med else None
+            rows.append(
+                meta
+                | {
+                    "batch": batch,
+                    "provider": name,
+                    "median_ms": f"{med[name]:.3f}",
+                    "q20_ms": f"{quantile(values, 0.2):.3f}",
+                    "q80_ms": f"{quantile(values, 0.8):.3f}",
+                    "runs": len(values),
+                    "rounds": rounds[name],
+                    "gflops": f"{gflops:.1f}",
+                    "peak_fraction": f"{gflops / peak:.3f}" if peak else "",
+                    "max_abs_err": f"{errors[name, batch]:.2g}",
+                    "fused_speedup": f"{speedup:.3f}" if speedup else "",
+                }
+            )
+            print(
+                f"batch {batch:>2}  {name:<24} {med[name]:8.2f} ms "
+                f"[{quantile(values, 0.2):.2f}, {quantile(values, 0.8):.2f}] "
+                f"{gflops:6.1f} GFLOP/s"
+                + (f" ({gflops / peak:.0%} of peak)" if peak else "")
+                + (f"  fused is {speedup:.2f}x" if speedup else ""),
+                flush=True,
+            )
     return rows
 
 
 def results_table() -> str:
-    """Markdown table of the newest run in each results/cpu-network-*.csv."""
+    """Markdown table of the newest run in each results/cpu-network-isolated-*.csv."""
     out = []
-    for path in sorted(RESULTS.glob("cpu-network-*.csv")):
+    for path in sorted(RESULTS.glob("cpu-network-isolated-*.csv")):
         rows = newest_rows(path)
         first = rows[0]
         batches = sorted({int(r["batch"]) for r in rows})
         cells = {(r["provider"], int(r["batch"])): r for r in rows}
         out += [
             (
-                f"{first['cpu']}, {first['cores']} cores, {first['threads']} threads, torch "
-                f"{first['torch']}, commit {first['commit']}, float32, 224x224, eval; median "
-                f"ms [q20, q80] over {min(int(r['runs']) for r in rows)}+ interleaved "
-                f"rounds; \"fused is\": that provider's median / fused's:"
+                f"{first['cpu']} ({first['isa']}), {first['cores']} cores, "
+                f"{first['threads']} threads, torch {first['torch']} (capability "
+                f"{first['capability']}), C++ build {first['build']}, commit "
+                f"{first['commit']}, float32, 224x224, eval; each engine in its own "
+                f"process, {min(int(r['rounds']) for r in rows)} rotating rounds; median "
+                f"ms [q20, q80], GFLOP/s (fraction of the {first['peak_gflops']} GFLOP/s "
+                "fp32 peak); \"fused is\": that engine's median / fused's:"
             ),
             "",
-            "| provider | "
-            + " | ".join(f"batch {b} | fused is" for b in batches)
+            "| engine | "
+            + " | ".join(f"batch {b} | GFLOP/s | fused is" for b in batches)
             + " |",
-            "|---|" + "---|---|" * len(batches),
+            "|---|" + "---|---|---|" * len(batches),
         ]
         for provider in PROVIDERS:
             if not any((provider, b) in cells for b in batches):
@@ -256,9 +359,11 @@ def results_table() -> str:
                 r = cells.get((provider, b))
                 line += (
                     f" {float(r['median_ms']):.1f} [{float(r['q20_ms']):.1f}, "
-                    f"{float(r['q80_ms']):.1f}] | {float(r['fused_speedup']):.2f}x |"
+                    f"{float(r['q80_ms']):.1f}] | {float(r['gflops']):.0f} "
+                    f"({float(r['peak_fraction'] or 0):.0%}) | "
+                    f"{float(r['fused_speedup'] or 0):.2f}x |"
                     if r
-                    else " - | - |"
+                    else " - | - | - |"
                 )
             out.append(line)
         out.append("")
@@ -269,22 +374,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--table", action="store_true", help="print the table, no runs")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--threads", type=int, default=None, help="default: torch's")
     parser.add_argument(
         "--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS
     )
-    parser.add_argument("--rounds", type=int, default=30, help="at least this many")
-    parser.add_argument("--budget-s", type=float, default=20.0, help="per batch")
+    parser.add_argument("--rounds", type=int, default=3, help="processes per engine")
+    parser.add_argument(
+        "--min-time-s", type=float, default=2.0, help="timed per engine, batch, round"
+    )
     parser.add_argument("--no-readme", action="store_true", help="leave README alone")
+    parser.add_argument("--worker", choices=PROVIDERS, help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
     if args.table:
         print(results_table())
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
     rows = measure(args)
     slug = machine_slug(cpu_model(), os.cpu_count() or 1)
-    path = append_rows(f"cpu-network-{slug}.csv", FIELDS, rows)
+    path = append_rows(f"cpu-network-isolated-{slug}.csv", FIELDS, rows)
     print(f"appended to {path}")
     if not args.no_readme:
         with contextlib.suppress(FileNotFoundError):

@@ -17,7 +17,7 @@ from torchvision.models import GoogLeNet_Weights
 
 ON_GPU = torch.cuda.is_available()
 
-from inception_fused import FusedInceptionModule, InceptionModule, fuse_googlenet
+from inception_fused import FusedInceptionModule, InceptionModule, cpu, fuse_googlenet
 from inception_fused.configs import GOOGLENET_CONFIGS
 
 
@@ -41,7 +41,8 @@ def main() -> None:
     where = (
         torch.cuda.get_device_name()
         if ON_GPU
-        else f"CPU ({torch.get_num_threads()} threads), C++ backend"
+        else f"CPU ({torch.get_num_threads()} threads), C++ backend build "
+        f"{cpu.loaded_build()}"
     )
     print(f"inception_fused demo on {where}; dtype {dtype}, batch {batch}")
     print(
