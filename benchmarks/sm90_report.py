@@ -19,15 +19,18 @@ TMA: a software-pipelined main loop) and CTAs per SM.
 ``--check`` fails a row on any spill, a tensor-core tl.dot kernel without HGMMA, a tl.dot
 conv main loop without asynchronous loads, or shared memory over 227 KiB per block.
 
-Writes benchmarks/results/sm90-static.csv (one row per distinct compile) and
+Writes benchmarks/results/sm90-static.csv (one row per distinct compile),
 benchmarks/results/sm90-roofline.csv (FLOPs, minimum bytes and the H100 lower bound per
-configuration x batch x dtype x mode, to read GPU timings against).
+configuration x batch x dtype x mode, to read GPU timings against) and
+benchmarks/results/sm90-network-bytes.csv (the whole network's bytes per image, eager
+torchvision against the Triton plan, per layer).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import os
 import re
 import subprocess
@@ -55,6 +58,7 @@ from inception_fused.kernels.aot import (
     compile_launch,
     launch_key,
     module_launches,
+    network_launches,
     specialise,
 )
 from inception_fused.kernels.tiles import (
@@ -68,6 +72,7 @@ from inception_fused.kernels.tiles import (
 RESULTS = ROOT / "benchmarks" / "results"
 STATIC_CSV = RESULTS / "sm90-static.csv"
 ROOFLINE_CSV = RESULTS / "sm90-roofline.csv"
+NETWORK_BYTES_CSV = RESULTS / "sm90-network-bytes.csv"
 BEGIN, END = "<!-- sm90-report:begin -->", "<!-- sm90-report:end -->"
 DTYPES = {
     "bf16": torch.bfloat16,
@@ -77,6 +82,8 @@ DTYPES = {
     "fp64": torch.float64,
 }
 LAYOUTS = ("channels_last", "nchw")
+NETWORK = "googlenet"  # the whole network's plan: its stem, pools and head kernels
+CONFIGS = (*GOOGLENET_CONFIGS, NETWORK)
 BATCHES = (1, 8, 32, 128, 256)  # the benchmark grid's
 FP64_BATCHES = (1,)
 BRANCH3_KERNEL = 5  # the paper's; 3 (torchvision) compiles to the same binaries
@@ -219,10 +226,11 @@ def analyse(launch: Launch, mode: str, dtype: str, live: bool = False) -> Row:
 
 def collect(
     configs, batches, dtypes, modes, live=False, candidates=True, layouts=LAYOUTS,
-    log=print,
+    kernels=None, log=print,
 ) -> tuple[list[Row], list[TileKey]]:  # fmt: skip
     """The distinct compiles of every launch (and, with ``candidates``, of every tile
-    config the GPU tuner may try), and the tile keys seen."""
+    config the GPU tuner may try; with ``kernels``, of those kernels only), and the tile
+    keys seen."""
     rows: dict[str, Row] = {}
     keys: list[TileKey] = []
     for dname in dtypes:
@@ -232,19 +240,25 @@ def collect(
             launch_settings, "_cudnn_conv_allows_tf32", lambda d=dname: d == "fp32"
         )
         for name in configs:
-            cfg = GOOGLENET_CONFIGS[name]
+            if name == NETWORK and "eval" not in modes:
+                continue
             for batch in FP64_BATCHES if dname == "fp64" else batches:
                 for layout in layouts:
-                    shape = (cfg.channels, batch, cfg.spatial, dtype, BRANCH3_KERNEL,
-                             modes)  # fmt: skip
                     cl = layout == "channels_last"
+                    if name == NETWORK:
+                        record = functools.partial(
+                            network_launches, batch, 224, dtype, channels_last=cl
+                        )
+                    else:
+                        cfg = GOOGLENET_CONFIGS[name]
+                        record = functools.partial(
+                            module_launches, cfg.channels, batch, cfg.spatial, dtype,
+                            BRANCH3_KERNEL, modes, channels_last=cl,
+                        )  # fmt: skip
                     with tf32:
-                        recorded = [
-                            ("choice", module_launches(*shape, channels_last=cl))
-                        ]
+                        recorded = [("choice", record())]
                         if candidates:
-                            found = module_launches(*shape, keys=keys, channels_last=cl)
-                            recorded.append(("candidate", found))
+                            recorded.append(("candidate", record(keys=keys)))
                     point = f"{name}/{batch}" + ("" if cl else "/nchw")
                     for role, found in recorded:
                         for mode, launches in found.items():
@@ -300,6 +314,8 @@ def roofline_rows(configs, batches) -> list[dict]:
     and writes dx and dW once), per configuration x batch x precision."""
     rows = []
     for name in configs:
+        if name == NETWORK:
+            continue
         cfg = GOOGLENET_CONFIGS[name]
         for batch in batches:
             for precision, itemsize in (
@@ -332,6 +348,86 @@ def roofline_rows(configs, batches) -> list[dict]:
                             "bound": "compute" if t_compute > t_memory else "memory",
                         }
                     )
+    return rows
+
+
+def network_bytes_rows(batch: int = 256, itemsize: int = 2) -> list[dict]:
+    """The bytes model of a whole GoogLeNet eval forward (224x224, torchvision's 3x3
+    "5x5" branch): per layer, the global-memory bytes per image that eager torchvision
+    moves (every op reads its inputs and writes its output once; BN and the in-place ReLU
+    each read and write the conv's output; torch.cat reads and writes the block output)
+    and that the Triton plan moves (each launch reads its inputs and writes its outputs
+    once: launch A's stem and pool tiles each read x, the reduce scratch is written and
+    read once). Weights are read once per batch. Last row: the totals, the FLOPs and the
+    H100 lower bound per image (bytes at PEAK_TBPS, FLOPs at the bf16 peak)."""
+
+    def conv_flops(c_in: int, c_out: int, k: int, hw: int) -> int:
+        return 2 * c_in * c_out * k * k * hw
+
+    def eager_conv(i: int, o: int) -> int:  # conv, then BN and ReLU over its output
+        return i + 5 * o
+
+    rows = []
+    total = {"eager": 0.0, "fused": 0.0, "flops": 0.0}
+
+    def add(layer: str, eager: int, fused: int, flops: int, weights: int) -> None:
+        per_image = weights / batch
+        row = {
+            "layer": layer,
+            "eager_kb_per_image": round((eager + per_image) * itemsize / 1e3, 1),
+            "fused_kb_per_image": round((fused + per_image) * itemsize / 1e3, 1),
+            "mflop_per_image": round(flops / 1e6, 1),
+        }
+        rows.append(row)
+        total["eager"] += row["eager_kb_per_image"]
+        total["fused"] += row["fused_kb_per_image"]
+        total["flops"] += flops
+
+    image, s1, s2 = 3 * 224 * 224, 112 * 112, 56 * 56
+    add("conv1 (+transform)", eager_conv(image, 64 * s1) + 2 * image, image + 64 * s1,
+        conv_flops(3, 64, 7, s1), 3 * 64 * 49)  # fmt: skip
+    add("maxpool1 + conv2", 64 * s1 + 64 * s2 + eager_conv(64 * s2, 64 * s2),
+        64 * s1 + 64 * s2, conv_flops(64, 64, 1, s2), 64 * 64)  # fmt: skip
+    add("conv3", eager_conv(64 * s2, 192 * s2), 64 * s2 + 192 * s2,
+        conv_flops(64, 192, 3, s2), 64 * 192 * 9)  # fmt: skip
+    pools = {"3a": (192, 56), "4a": (480, 28), "5a": (832, 14)}  # input channels, side
+    for name, cfg in GOOGLENET_CONFIGS.items():
+        if name in pools:
+            c, side = pools[name]
+            pooled = c * (side // 2) ** 2
+            add(f"maxpool before {name}", c * side * side + pooled,
+                c * side * side + pooled, 0, 0)  # fmt: skip
+        c_in, c1, r3, c3, r5, c5, cp = cfg.channels
+        hw = cfg.spatial**2
+        x, c_out = c_in * hw, (c1 + c3 + c5 + cp) * hw
+        eager = (
+            eager_conv(x, c1 * hw) + eager_conv(x, r3 * hw) + eager_conv(r3 * hw, c3 * hw)
+            + eager_conv(x, r5 * hw) + eager_conv(r5 * hw, c5 * hw) + 2 * x
+            + eager_conv(x, cp * hw) + 2 * c_out
+        )  # fmt: skip
+        fused = 2 * x + 2 * (r3 + r5) * hw + c_out
+        flops = (
+            conv_flops(c_in, c1 + r3 + r5 + cp, 1, hw) + conv_flops(r3, c3, 3, hw)
+            + conv_flops(r5, c5, 3, hw)
+        )  # fmt: skip
+        weights = c_in * (c1 + r3 + r5 + cp) + 9 * (r3 * c3 + r5 * c5)
+        add(f"inception {name}", eager, fused, flops, weights)
+    head = 1024 * 49
+    add("avgpool + fc", head + 1024 + 1024 + 1000, head + 1000, 2 * 1024 * 1000,
+        1024 * 1000)  # fmt: skip
+    bound = max(
+        total["fused"] * 1e3 / (PEAK_TBPS * 1e12),
+        total["flops"] / (PEAK_TFLOPS["bf16"] * 1e12),
+    )
+    rows.append(
+        {
+            "layer": f"total (batch {batch}, {8 * itemsize}-bit; H100 lower bound "
+            f"{bound * 1e6:.2f} us/image)",
+            "eager_kb_per_image": round(total["eager"], 1),
+            "fused_kb_per_image": round(total["fused"], 1),
+            "mflop_per_image": round(total["flops"] / 1e6, 1),
+        }
+    )
     return rows
 
 
@@ -395,11 +491,12 @@ def rewrite_readme(readme: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=list(GOOGLENET_CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
+    parser.add_argument("--kernels", nargs="+", help="only these kernels' compiles")
     parser.add_argument("--check", action="store_true", help="exit 1 on failing rows")
     parser.add_argument("--readme", type=Path, help="rewrite its sm90-report section")
     parser.add_argument(
@@ -432,11 +529,13 @@ def main(argv: list[str] | None = None) -> int:
         args.live,
         candidates=not args.no_candidates,
         layouts=args.layouts,
+        kernels=args.kernels,
     )
     if not args.no_write:
         # Rows of other Triton versions stay: the CSV holds one grid per Triton.
         write_csv(STATIC_CSV, other_tritons_rows() + [r.csv_row() for r in rows])
         write_csv(ROOFLINE_CSV, roofline_rows(args.configs, args.batches))
+        write_csv(NETWORK_BYTES_CSV, network_bytes_rows())
     text = table(rows)
     if args.readme:
         rewrite_readme(args.readme, text)

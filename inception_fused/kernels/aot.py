@@ -134,6 +134,37 @@ def module_launches(
     return found
 
 
+def network_launches(
+    batch: int,
+    side: int,
+    dtype: torch.dtype,
+    keys: list | None = None,
+    channels_last: bool = True,
+) -> dict[str, list[Launch]]:
+    """The launches of a whole GoogLeNet eval forward (network.TritonPlan) on a
+    ``side`` x ``side`` image, recorded on meta tensors, as module_launches records a
+    block's."""
+    from torchvision.models import googlenet
+
+    from ..googlenet import fuse_googlenet
+    from ..network import blocks_folded, build_triton_plan
+
+    with torch.device("meta"):
+        model = googlenet(weights=None, init_weights=False, transform_input=True)
+    model = fuse_googlenet(model.eval().to(dtype), backend="triton")
+    x = torch.empty(batch, 3, side, side, device="meta", dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    every = (
+        launching_every_candidate() if keys is not None else contextlib.nullcontext()
+    )
+    with every as seen, captured_launches() as launches:
+        build_triton_plan(model, dtype, blocks_folded(model, dtype))(x)
+    if keys is not None:
+        keys.extend(seen)
+    return {"eval": launches}
+
+
 def launch_key(launch: Launch, target: GPUTarget = SM90) -> str:
     """Equal for launches that compile to the same binary."""
     source, options = specialise(launch, target)
