@@ -53,9 +53,16 @@ MUTANTS = [
     Mutant(
         "network-plan-ignores-transform-input",
         "inception_fused/network.py",
-        "            if model.transform_input\n",
-        "            if False\n",
+        "_transform_vectors(dtype)[2:] if model.transform_input else empty",
+        "_transform_vectors(dtype)[2:] if False else empty",
         ("tests/test_network.py", "-k", "parity_aux_and_transform_input"),
+    ),
+    Mutant(
+        "triton-network-plan-ignores-transform-input",
+        "inception_fused/network.py",
+        "        if model.transform_input:\n            transform = _transform_vectors(acc)",
+        "        if False:\n            transform = _transform_vectors(acc)",
+        ("tests/test_triton_network.py", "-k", "eval_matches_torchvision"),
     ),
     Mutant(
         "network-plan-runs-on-zeros",
