@@ -17,7 +17,8 @@ TMA: a software-pipelined main loop) and CTAs per SM.
     python benchmarks/sm90_report.py --readme README.md
 
 ``--check`` fails a row on any spill, a tensor-core tl.dot kernel without HGMMA, a tl.dot
-conv main loop without asynchronous loads, or shared memory over 227 KiB per block.
+conv main loop without asynchronous loads (the head's is a pooling loop: UNPIPELINED), or
+shared memory over 227 KiB per block.
 
 Writes benchmarks/results/sm90-static.csv (one row per distinct compile),
 benchmarks/results/sm90-roofline.csv (FLOPs, minimum bytes and the H100 lower bound per
@@ -82,6 +83,9 @@ DTYPES = {
     "fp64": torch.float64,
 }
 LAYOUTS = ("channels_last", "nchw")
+# The head's tl.dot multiplies a pooled tile summed over the map's pixels: its main loop
+# is those loads (vectorised, not fed to a dot), its GEMM 1/49th of them.
+UNPIPELINED = {"avg_pool_fc_kernel"}
 NETWORK = "googlenet"  # the whole network's plan: its stem, pools and head kernels
 CONFIGS = (*GOOGLENET_CONFIGS, NETWORK)
 BATCHES = (1, 8, 32, 128, 256)  # the benchmark grid's
@@ -138,7 +142,7 @@ class Row:
             found.append(f"shared {self.shared_bytes // 1024} KiB > 227 KiB")
         if self.uses_dot and self.mma != "HGMMA" and self.dtype != "fp32-ieee":
             found.append(f"tl.dot without HGMMA ({self.mma})")
-        if self.uses_dot and not self.async_loads:
+        if self.uses_dot and not self.async_loads and self.kernel not in UNPIPELINED:
             found.append("main loop not pipelined (no LDGSTS/TMA)")
         if self.live_registers is not None and (
             self.live_registers != self.registers or self.live_spills

@@ -185,5 +185,5 @@ def test_gpu_check_dry_run_lists_its_steps():
     lines = run.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == [f"step {i}" for i in (1, 2, 3, 4)]
     assert "pytest" in lines[0] and "sm90_report.py --check --live" in lines[1]
-    assert "tune_tiles.py" in lines[2] and "8 min" in lines[2]
-    assert "run_all.py" in lines[3] and "25 min" in lines[3]
+    assert "tune_tiles.py" in lines[2] and "hard limit 480 s" in lines[2]
+    assert "run_all.py" in lines[3] and "hard limit 1500 s" in lines[3]

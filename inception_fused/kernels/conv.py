@@ -113,5 +113,8 @@ def launch_conv_relu(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 
-    run(pick(TileKey.of("conv", "eval", x.dtype, m, c_out, c_in, ks), x, run))
+    # A pooled 1x1 conv has the block's pool tiles' shape of work (nine loads per K
+    # step): their tiles; the others are conv tiles.
+    kernel = "pool" if pool else "conv"
+    run(pick(TileKey.of(kernel, "eval", x.dtype, m, c_out, c_in, ks), x, run))
     return out

@@ -75,10 +75,13 @@ def launch_max_pool(x: torch.Tensor, kernel: int) -> torch.Tensor:
     m = n * h_out * w_out
     if m == 0:
         return out
-    # Elementwise work: wide channel tiles (16-byte vectors per row on the GPU), and the
-    # interpreter's biggest tiles.
-    block_m = 32 if x.is_cuda or x.is_meta else pow2_clamp(m, 16, 256)
-    block_c = pow2_clamp(c, 16, 128)
+    # Elementwise work. On the GPU, 256-byte rows (16-byte vectors per thread) and 16 of
+    # them: the nine loads of 32x128 16-bit tiles, all in flight, spilled 24 B (fp64:
+    # 376 B). The interpreter takes its biggest tiles.
+    if x.is_cuda or x.is_meta:
+        block_m, block_c = 16, pow2_clamp(c, 16, 256 // x.element_size())
+    else:
+        block_m, block_c = pow2_clamp(m, 16, 256), pow2_clamp(c, 16, 128)
     grid = (ceil_div(m, block_m), ceil_div(c, block_c))
     max_pool_kernel[grid](
         x, *nchw_strides(x), out, m, h_out, w_out, h, w, c, KERNEL=kernel,
