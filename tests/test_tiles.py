@@ -148,10 +148,14 @@ def test_every_m_of_a_bucket_gets_the_buckets_tiles():
         for mode in ("eval", "train", "backward"):
             for dtype in (torch.bfloat16, torch.float32, torch.float64):
                 for m in (*range(1, 70), 783, 784, 785, 8191, 8192, 8193, 12544, 50176):
-                    exact = TileKey(kernel, mode, dtype, m, 96, 128, 3)
-                    bucket = TileKey.of(kernel, mode, dtype, m, 96, 128, 3)
-                    for on_gpu in (True, False):
-                        assert tiles.rule(exact, on_gpu) == tiles.rule(bucket, on_gpu)
+                    for ieee in {False, dtype == torch.float32}:
+                        bucket = TileKey.of(kernel, mode, dtype, m, 96, 128, 3)
+                        bucket = bucket._replace(ieee=ieee)
+                        exact = bucket._replace(m=m)
+                        for on_gpu in (True, False):
+                            assert tiles.rule(exact, on_gpu) == tiles.rule(
+                                bucket, on_gpu
+                            )
 
 
 def test_tiny_launches_are_not_timed(monkeypatch):
@@ -176,9 +180,9 @@ def test_a_failing_candidate_is_skipped(monkeypatch):
 
 def test_picks_are_kept_per_gpu_model_and_fp32_precision(monkeypatch):
     gpu = SimulatedGPU(monkeypatch)
-    precision = "ieee"
+    precision = "tf32"
     monkeypatch.setattr(tiles, "input_precision", lambda dtype: precision)
-    key = KEY._replace(dtype=torch.float32)
+    key = TileKey.of("spatial", "eval", torch.float32, 25088, 128, 96, 5)
     cands = tiles.candidates(key)
     gpu.times[cands[1]] = 1.0
     assert gpu.pick(key) == cands[1]
@@ -189,9 +193,11 @@ def test_picks_are_kept_per_gpu_model_and_fp32_precision(monkeypatch):
     assert len(gpu.timed) == 2 * timed
     gpu.model = "GPU-A"
     assert gpu.pick(key) == cands[1]
-    precision = "tf32"
-    gpu.pick(key)  # TF32 on: other arithmetic, other timings
-    assert len(gpu.timed) == 3 * timed
+    precision = "ieee"  # TF32 off: FMA dots, their own tiles, nothing to time
+    ieee = TileKey.of("spatial", "eval", torch.float32, 25088, 128, 96, 5)
+    assert ieee == key._replace(ieee=True)
+    assert gpu.pick(ieee) == tiles.rule(ieee, True) != cands[1]
+    assert len(gpu.timed) == 2 * timed
 
 
 def test_a_capture_replays_the_tuned_tiles_and_tunes_nothing(monkeypatch):

@@ -13,7 +13,7 @@ On CUDA, the first launch of a key times every candidate (``candidates``: the ch
 first) and keeps the fastest for the process, per GPU model. A key says whether fp32
 runs with TF32 off (``ieee``: FMA dots, which need smaller K steps). A key holds M's power-of-two bucket, not M: the rule's tiles are the same across
 a bucket, so a new batch size re-tunes only when it crosses one. Launches too small to
-fill a GPU (``TINY_GEMM``) are not timed. A candidate that fails to compile or launch
+fill a GPU (``TINY_GEMM``) and keys with one candidate are not timed. A candidate that fails to compile or launch
 (shared memory over another GPU's limit, a ptxas error) is skipped. Every candidate list
 is compiled and checked for sm_90a by the report (no spills, HGMMA, pipelined loads,
 shared memory that fits). Tuning is off under deterministic algorithms (the pick must not
@@ -289,7 +289,7 @@ def pick(
     best = _tuned.get(tune_key)
     if best is not None:  # also during a capture: the graph holds the tuned tiles
         return best
-    if key.m * key.n < TINY_GEMM or not autotuning():
+    if key.m * key.n < TINY_GEMM or len(candidates(key)) == 1 or not autotuning():
         return choice(key, True)
     return outside_graph_pools(t.device, lambda: _tune(tune_key, launch))
 
