@@ -14,7 +14,14 @@ import triton
 import triton.language as tl
 
 from .conv_tile import conv_tile, store_tile, tile_pixels
-from .launch import TileConfig, acc_dtype, ceil_div, input_precision, nchw_strides
+from .launch import (
+    TileConfig,
+    acc_dtype,
+    ceil_div,
+    input_precision,
+    kernel_layout,
+    nchw_strides,
+)
 from .tiles import TileKey, pick
 
 
@@ -84,8 +91,11 @@ def launch_conv_relu(
     ``w``: packed [ks*ks*C_in, C_out] (folding.pack_weight), ``b`` in the accumulator
     dtype; padding ks // 2. ``pool``: x goes through a 3x3/s2 ceil-mode max pool first
     (``ks`` must be 1). ``transform``: [4, C_in] rows 0, 1, scale, shift: x * scale +
-    shift per input channel while loading. x may have any strides.
+    shift per input channel while loading. x may have any strides (on a GPU an NCHW
+    image is copied to channels_last first: read through its strides, conv1's 128-row
+    tiles spill 24-96 B under Triton 3.6).
     """
+    x = kernel_layout(x)
     n, c_in, h, wd = x.shape
     c_out = w.shape[1]
     if pool:
