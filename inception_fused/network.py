@@ -1,4 +1,4 @@
-"""The whole GoogLeNet eval forward as a network plan: one C++ call, or 25 Triton launches.
+"""The whole GoogLeNet eval forward as a network plan: one C++ call, or 34 Triton launches.
 
 The plan is the same on both backends: every conv's BatchNorm folded into its weights and
 bias, the Inception blocks' folds taken from the blocks themselves
@@ -8,9 +8,9 @@ written once, and the head (average pool, eval dropout = identity, FC) in one st
 :func:`build_plan` hands it to the C++ backend (csrc/network.h: weights packed for its
 GEMM micro-kernel, Winograd transforms for the 3x3 convs, activation buffers held between
 calls); :func:`build_triton_plan` to the Triton kernels (kernels/conv.py, max_pool.py,
-head.py and the blocks' two launches each): conv1, conv2 with its pool, conv3, maxpool2,
-nine blocks of two launches, maxpool3, maxpool4 and the head make 25 launches, with no
-host synchronisation.
+head.py and the blocks' own): conv1, conv2 with its pool, conv3, maxpool2, nine blocks of
+three launches (stem tiles, pool tiles, 3x3/5x5 tiles), maxpool3, maxpool4 and the head
+make 34 launches, with no host synchronisation.
 
 :class:`FusedGoogLeNet` is what :func:`~inception_fused.fuse_googlenet` turns a
 torchvision ``GoogLeNet`` into: same modules, parameters and state dict, whose forward
@@ -159,7 +159,7 @@ class NetworkPlan:
 
 @dataclass
 class TritonPlan:
-    """The plan's tensors for the Triton kernels, and its forward as 25 launches."""
+    """The plan's tensors for the Triton kernels, and its forward as 34 launches."""
 
     dtype: torch.dtype
     transform: torch.Tensor | None  # [4, 3]: 0, 1, scale, shift per image channel
