@@ -65,7 +65,8 @@ def test_train_entries_must_keep_the_rows_per_tile(table_file):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_candidates_are_distinct_and_train_keeps_block_m(dtype, mode):
-    key = KEY._replace(dtype=dtype, mode=mode)
+    # The pool tiles: TF32 train spatial tiles have one config (a fourth stage spills).
+    key = KEY._replace(kernel="pool", ks=1, dtype=dtype, mode=mode)
     found = tiles.candidates(key)
     assert len(found) == len(set(found)) >= 2
     assert found[0] == tiles.choice(key, True)
@@ -73,6 +74,11 @@ def test_candidates_are_distinct_and_train_keeps_block_m(dtype, mode):
         assert {c.block_m for c in found} == {tiles.rows_per_tile(dtype, key.m, True)}
     if dtype == torch.float32:
         assert all(c.block_n == 64 for c in found)
+
+
+def test_tf32_train_spatial_tiles_have_one_config():
+    key = KEY._replace(dtype=torch.float32, mode="train")
+    assert tiles.candidates(key) == [tiles.choice(key, True)]
 
 
 def test_fp64_has_one_config():
