@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from .folding import FoldedInception
-from .kernels.launch import aligned_rows, kernel_layout, on_device
+from .kernels.launch import aligned_rows, empty_channels_last, kernel_layout, on_device
 from .kernels.pointwise import launch_pointwise
 from .kernels.spatial import launch_spatial
 
@@ -47,12 +47,7 @@ def inception_eval_forward(x: torch.Tensor, f: FoldedInception) -> torch.Tensor:
     """
     x = kernel_layout(x)
     plan = launch_plan(x.shape, f.widths)
-    out = torch.empty(
-        plan.out_shape,
-        device=x.device,
-        dtype=x.dtype,
-        memory_format=torch.channels_last,
-    )
+    out = empty_channels_last(plan.out_shape, x)
     if plan.m == 0:
         return out
     scratch = aligned_rows(plan.m, plan.c_red, x.dtype, x.device)

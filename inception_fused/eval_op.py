@@ -19,6 +19,7 @@ import torch
 from .cpu import cpu_eval_forward, load_extension, winograd_transform, winograd_weights
 from .eval_launch import inception_eval_forward
 from .folding import FoldedInception
+from .kernels.launch import empty_channels_last
 
 OP_BACKENDS = ("triton", "cpu")
 
@@ -73,12 +74,7 @@ def _eval_forward_op(
 def _(x, stem_w, stem_b, pool_w, pool_b, w3, b3, w5, b5, c1, r3, k3, k5, backend, *_):
     n, _, h, w = x.shape
     c_out = c1 + w3.shape[1] + w5.shape[1] + pool_w.shape[1]
-    return torch.empty(
-        (n, c_out, h, w),
-        dtype=x.dtype,
-        device=x.device,
-        memory_format=torch.channels_last,
-    )
+    return empty_channels_last((n, c_out, h, w), x)
 
 
 def unobserved(x: torch.Tensor) -> bool:

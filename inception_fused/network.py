@@ -34,7 +34,7 @@ from .cpu import CPU_DTYPES, load_extension, winograd_transform, winograd_weight
 from .eval_launch import inception_eval_forward
 from .fold_cache import FoldCache, module_tensors
 from .folding import FoldedInception, accumulator_dtype, fold_conv_block, pack_weight
-from .kernels.conv import launch_conv_relu
+from .kernels.conv import launch_conv_relu, pooled_size
 from .kernels.head import launch_avg_pool_fc
 from .kernels.launch import interpreting, on_device
 from .kernels.max_pool import launch_max_pool
@@ -350,6 +350,5 @@ def _large_enough(height: int, width: int) -> bool:
         for kernel in (3, 3, 3, 2):  # maxpool1 .. maxpool4: stride 2, ceil_mode
             if size - kernel + 1 < 0:
                 return False  # PyTorch: "Output size is too small"
-            out = (size - kernel + 1) // 2 + 1
-            size = out - 1 if (out - 1) * 2 >= size else out
+            size = pooled_size(size, kernel)
     return True

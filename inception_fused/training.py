@@ -29,7 +29,7 @@ from .folding import (
     pack_stem,
     pack_weight,
 )
-from .kernels.launch import kernel_layout, on_device
+from .kernels.launch import empty_channels_last, kernel_layout, on_device
 from .kernels.train_backward import FlatGrads, split_grads, train_backward_flat
 from .kernels.train_forward import TrainForward, train_forward
 from .reference import InceptionModule
@@ -177,12 +177,7 @@ def _(
     n, _, h, w = x.shape
     c_out = sum(conv_weights[i].shape[0] for i in (0, 3, 4, 5))
     c_red = conv_weights[1].shape[0] + conv_weights[2].shape[0]
-    out = torch.empty(
-        (n, c_out, h, w),
-        dtype=x.dtype,
-        device=x.device,
-        memory_format=torch.channels_last,
-    )
+    out = empty_channels_last((n, c_out, h, w), x)
     stats = x.new_empty((2 * (c_out + c_red) if eps else 0,))
     return (
         out,

@@ -194,22 +194,6 @@ def test_other_dtypes(calls, backend):
         assert torch.equal(out, expected) and calls == []
 
 
-@pytest.mark.parametrize(
-    ("capability", "expected"),
-    [
-        ("AVX512", "inception_fused._C_avx512"),
-        ("AVX2", "inception_fused._C_avx2"),
-        ("DEFAULT", "inception_fused._C"),  # x86-64 without AVX2/FMA, or forced
-        ("NO AVX", "inception_fused._C"),
-        ("VSX", "inception_fused._C"),
-    ],
-)
-def test_extension_matches_cpu_capability(capability, expected):
-    """Each ISA's build where torch reports the CPU runs it (load_extension also asks
-    the CPU itself: tests/test_cpu_isa.py)."""
-    assert cpu.extension_name(capability) == expected
-
-
 def test_baseline_extension_loads_when_capability_is_default():
     """ATEN_CPU_CAPABILITY=default (a CPU without AVX2): the baseline build loads and
     agrees with the reference. In a fresh process: one process loads one build."""

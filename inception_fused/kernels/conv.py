@@ -18,6 +18,7 @@ from .launch import (
     TileConfig,
     acc_dtype,
     ceil_div,
+    empty_channels_last,
     input_precision,
     kernel_layout,
     nchw_strides,
@@ -102,12 +103,7 @@ def launch_conv_relu(
         h_out, w_out = pooled_size(h, 3), pooled_size(wd, 3)
     else:
         h_out, w_out = (h - 1) // stride + 1, (wd - 1) // stride + 1
-    out = torch.empty(
-        (n, c_out, h_out, w_out),
-        dtype=x.dtype,
-        device=x.device,
-        memory_format=torch.channels_last,
-    )
+    out = empty_channels_last((n, c_out, h_out, w_out), x)
     m = n * h_out * w_out
     if m == 0:
         return out

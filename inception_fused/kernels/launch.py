@@ -62,6 +62,14 @@ def kernel_layout(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def empty_channels_last(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised [N, C, H, W] channels_last tensor of ``like``'s dtype and device:
+    every launcher's output, an [N*H*W, C] row-major matrix the kernels store into."""
+    return torch.empty(
+        shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last
+    )
+
+
 def aligned_rows(
     rows: int, cols: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:

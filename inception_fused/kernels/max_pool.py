@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .conv import pooled_size
 from .conv_tile import tile_pixels
-from .launch import ceil_div, nchw_strides, pow2_clamp
+from .launch import ceil_div, empty_channels_last, nchw_strides, pow2_clamp
 
 
 @triton.jit
@@ -66,12 +66,7 @@ def launch_max_pool(x: torch.Tensor, kernel: int) -> torch.Tensor:
     """max_pool2d(x, kernel, stride 2, ceil_mode=True) as a channels_last tensor."""
     n, c, h, w = x.shape
     h_out, w_out = pooled_size(h, kernel), pooled_size(w, kernel)
-    out = torch.empty(
-        (n, c, h_out, w_out),
-        dtype=x.dtype,
-        device=x.device,
-        memory_format=torch.channels_last,
-    )
+    out = empty_channels_last((n, c, h_out, w_out), x)
     m = n * h_out * w_out
     if m == 0:
         return out

@@ -21,7 +21,7 @@ import torch
 
 from ..folding import OUT_THEN_RED, BNParams, FoldedInception, accumulator_dtype
 from .batch_norm import bn_relu_pass, finalize_stats
-from .launch import ceil_div, compiled_for_gpu, kernel_layout
+from .launch import ceil_div, compiled_for_gpu, empty_channels_last, kernel_layout
 from .pointwise import launch_pointwise
 from .spatial import launch_spatial
 from .tiles import rows_per_tile
@@ -188,9 +188,7 @@ def train_forward(
     c_all = c_out + c_red
     acc = accumulator_dtype(x.dtype)
     dev = x.device
-    out = torch.empty(
-        (n, c_out, h, wd), device=dev, dtype=x.dtype, memory_format=torch.channels_last
-    )
+    out = empty_channels_last((n, c_out, h, wd), x)
     z_out = torch.empty((m, c_out), device=dev, dtype=x.dtype)
     z_red = torch.empty((m, c_red), device=dev, dtype=x.dtype)
     stats = None if bn is None else torch.empty(2 * c_all, device=dev, dtype=acc)
