@@ -60,6 +60,10 @@ setup(
             "onnx",
             "onnxscript",
             "onnxruntime",
+            # Inception-v3's FID networks (tests/test_inception_v3.py)
+            "pytorch-fid",
+            "torch-fidelity",
+            "torchmetrics",
         ],
         "bench": [
             "matplotlib",

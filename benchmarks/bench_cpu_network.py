@@ -1,6 +1,8 @@
-"""CPU benchmark of the whole GoogLeNet: fuse_googlenet as the README shows vs the rest.
+"""CPU benchmark of a whole network: GoogLeNet or Inception-v3, fused as the README shows,
+vs the rest.
 
-torchvision GoogLeNet (random weights, BN statistics randomised), 224x224, float32, eval.
+torchvision GoogLeNet (224x224, fuse_googlenet) or Inception-v3 (299x299,
+fuse_inception_v3), random weights with randomised BN statistics, float32, eval.
 Each engine runs in its own worker process (a thread pool left spinning by one engine
 must not share the cores with the next: ONNX Runtime's and torch's OpenMP threads both
 spin after a run), in rounds whose engine order rotates, so slow drifts of the machine's
@@ -10,7 +12,8 @@ PyTorch's, warms up and times it with torch.utils.benchmark (blocked_autorange).
   eager-nchw              torchvision as a user has it (NCHW model and input)
   eager-channels-last     model and input converted to channels_last
   compile-freezing        torch.compile(options={"freezing": True}), channels_last
-  fused                   fuse_googlenet(model), NCHW model and input (the README path)
+  fused                   fuse_googlenet / fuse_inception_v3, NCHW model and input (the
+                          README path)
   fused-compile-freezing  the fused model inside torch.compile with freezing
   onnxruntime             torch.onnx.export -> ONNX Runtime, CPU provider, its defaults
   openvino                the same ONNX file -> OpenVINO CPU, its default precision
@@ -19,12 +22,13 @@ PyTorch's, warms up and times it with torch.utils.benchmark (blocked_autorange).
 
 onnxruntime / openvino are optional (``pip install -e .[bench]``): a missing one is
 skipped with a line saying so. Each run prints and appends to
-benchmarks/results/cpu-network-isolated-<machine>.csv the CPU model, its ISA flags, torch's
+benchmarks/results/cpu-<model>-isolated-<machine>.csv the CPU model, its ISA flags, torch's
 capability, the C++ build loaded, and per engine the median and 20/80 quantiles, the
-achieved GFLOP/s (3.0 GFLOP per 224x224 image, direct-conv count) and its fraction of
-the machine's fp32 peak; then it rewrites the README's table:
+achieved GFLOP/s (per image: GoogLeNet 3.0 GFLOP, Inception-v3 11.4, direct-conv count)
+and its fraction of the machine's fp32 peak; then it rewrites the README's table:
 
-    python benchmarks/bench_cpu_network.py [--batches 1 8] [--rounds 3] [--min-time-s 2]
+    python benchmarks/bench_cpu_network.py [--model googlenet|inception_v3]
+        [--batches 1 8] [--rounds 3] [--min-time-s 2]
     python benchmarks/bench_cpu_network.py --table    # the markdown only, from the CSVs
 """
 
@@ -48,12 +52,10 @@ from bench_cpu import RUN_FIELDS, append_rows, machine_slug, newest_rows, quanti
 from common import cpu_model, git_commit
 from make_table import replace_section
 
-from inception_fused import cpu, fuse_googlenet
+from inception_fused import cpu, fuse_googlenet, fuse_inception_v3
 
 RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent.parent / "README.md"
-BEGIN, END = "<!-- cpu-network-results:begin -->", "<!-- cpu-network-results:end -->"
-GFLOP_PER_IMAGE = 3.0  # GoogLeNet at 224x224, direct convolution, multiply-adds x 2
 FIELDS = [
     *RUN_FIELDS,
     "isa",
@@ -88,20 +90,38 @@ ISA_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"
 ISA_EXTRA = ("avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 
 
-def randomized_googlenet() -> torch.nn.Module:
-    """torchvision GoogLeNet with non-trivial BN statistics (a stand-in for weights=)."""
+def randomized(model: str) -> torch.nn.Module:
+    """torchvision's network with non-trivial BN statistics (a stand-in for weights=);
+    Inception-v3 He-initialised (its own init makes the activations explode)."""
     torch.manual_seed(0)
-    model = torchvision.models.googlenet(
-        weights=None, init_weights=True, aux_logits=False
-    )
+    if model == "googlenet":
+        net = torchvision.models.googlenet(weights=None, init_weights=True, aux_logits=False)
+    else:
+        net = torchvision.models.inception_v3(
+            weights=None, init_weights=False, aux_logits=False
+        )
     with torch.no_grad():
-        for m in model.modules():
+        for m in net.modules():
+            if model != "googlenet" and isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.2)
                 m.running_mean.normal_(0, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+    return net.eval()
+
+
+# Per model: image side, GFLOP per image (direct convolution, multiply-adds x 2, FC
+# included), the fuse call of the README, and the README section the table goes to.
+MODELS = {
+    "googlenet": (224, 3.0, fuse_googlenet, "cpu-network-results"),
+    "inception_v3": (299, 11.4, fuse_inception_v3, "cpu-inception-v3-results"),
+}
+
+
+def csv_glob(model: str) -> str:
+    return "cpu-network-isolated-*.csv" if model == "googlenet" else f"cpu-{model}-isolated-*.csv"
 
 
 def cpuinfo() -> dict[str, str]:
@@ -177,15 +197,16 @@ def openvino_fn(path: str, threads: int, f32: bool) -> Callable[[torch.Tensor], 
 
 
 def make_engine(
-    name: str, threads: int, onnx_path: str
+    name: str, threads: int, onnx_path: str, model_name: str
 ) -> tuple[Callable[[torch.Tensor], object], bool]:
     """One engine as a call, and whether it takes its input channels_last (converted
     before the timing, as a user of that layout has it)."""
-    model = randomized_googlenet()
+    model = randomized(model_name)
+    fuse = MODELS[model_name][2]
     if name == "eager-nchw":
         return model, False
     if name == "fused":
-        return fuse_googlenet(model), False  # the README path: nothing else
+        return fuse(model), False  # the README path: nothing else
     if name == "onnxruntime":
         return onnxruntime_fn(onnx_path, threads), False
     if name.startswith("openvino"):
@@ -194,7 +215,7 @@ def make_engine(
     if name == "eager-channels-last":
         return model, True
     if name == "fused-compile-freezing":
-        model = fuse_googlenet(model)
+        model = fuse(model)
     return torch.compile(model, options={"freezing": True}), True
 
 
@@ -203,8 +224,8 @@ def worker(args: argparse.Namespace) -> None:
     from torch.utils.benchmark import Timer
 
     threads = torch.get_num_threads()
-    onnx_path = str(Path(args.data) / "googlenet.onnx")
-    fn, channels_last = make_engine(args.worker, threads, onnx_path)
+    onnx_path = str(Path(args.data) / "model.onnx")
+    fn, channels_last = make_engine(args.worker, threads, onnx_path, args.model)
     for batch in args.batches:
         x, expected = torch.load(Path(args.data) / f"batch{batch}.pt")
         if channels_last:
@@ -220,10 +241,10 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_worker(
-    name: str, batches: list[int], data: str, min_time_s: float
+    name: str, batches: list[int], data: str, min_time_s: float, model: str
 ) -> list[dict] | None:
     """One worker process; None (and why, printed) when the engine cannot run here."""
-    cmd = [sys.executable, __file__, "--worker", name, "--data", data]
+    cmd = [sys.executable, __file__, "--worker", name, "--data", data, "--model", model]
     cmd += ["--batches", *map(str, batches), "--min-time-s", str(min_time_s)]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -233,16 +254,17 @@ def run_worker(
     return [json.loads(line) for line in result.stdout.splitlines() if line[:1] == "{"]
 
 
-def prepare(data: str, batches: list[int], providers: list[str]) -> None:
+def prepare(data: str, batches: list[int], providers: list[str], name: str) -> None:
     """Inputs and eager outputs per batch, and the ONNX file, for the workers."""
-    model = randomized_googlenet()
+    model = randomized(name)
+    side = MODELS[name][0]
     g = torch.Generator().manual_seed(0)
     for batch in batches:
-        x = torch.randn(batch, 3, 224, 224, generator=g)
+        x = torch.randn(batch, 3, side, side, generator=g)
         with torch.no_grad():
             torch.save((x, model(x)), Path(data) / f"batch{batch}.pt")
     if any(p.startswith(("onnxruntime", "openvino")) for p in providers):
-        export_onnx(model, x, str(Path(data) / "googlenet.onnx"))
+        export_onnx(model, x, str(Path(data) / "model.onnx"))
 
 
 def run_meta(threads: int) -> dict[str, object]:
@@ -276,11 +298,11 @@ def measure(args: argparse.Namespace) -> list[dict[str, object]]:
     errors: dict[tuple[str, int], float] = {}
     providers = list(args.providers)
     with tempfile.TemporaryDirectory() as data:
-        prepare(data, args.batches, providers)
+        prepare(data, args.batches, providers, args.model)
         for r in range(args.rounds):
             order = providers[r % len(providers) :] + providers[: r % len(providers)]
             for name in order:
-                out = run_worker(name, args.batches, data, args.min_time_s)
+                out = run_worker(name, args.batches, data, args.min_time_s, args.model)
                 if out is None:
                     providers.remove(name)
                     continue
@@ -298,7 +320,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, object]]:
         med = {n: statistics.median(times[n, batch]) for n in providers}
         for name in providers:
             values = times[name, batch]
-            gflops = GFLOP_PER_IMAGE * batch / (med[name] / 1e3)
+            gflops = MODELS[args.model][1] * batch / (med[name] / 1e3)
             speedup = med[name] / med["fused"] if "fused" in med else None
             rows.append(
                 meta
@@ -327,10 +349,11 @@ def measure(args: argparse.Namespace) -> list[dict[str, object]]:
     return rows
 
 
-def results_table() -> str:
-    """Markdown table of the newest run in each results/cpu-network-isolated-*.csv."""
+def results_table(model: str) -> str:
+    """Markdown table of the newest run in each of the model's results CSVs."""
     out = []
-    for path in sorted(RESULTS.glob("cpu-network-isolated-*.csv")):
+    side = MODELS[model][0]
+    for path in sorted(RESULTS.glob(csv_glob(model))):
         rows = newest_rows(path)
         first = rows[0]
         batches = sorted({int(r["batch"]) for r in rows})
@@ -340,7 +363,7 @@ def results_table() -> str:
                 f"{first['cpu']} ({first['isa']}), {first['cores']} cores, "
                 f"{first['threads']} threads, torch {first['torch']} (capability "
                 f"{first['capability']}), C++ build {first['build']}, commit "
-                f"{first['commit']}, float32, 224x224, eval; each engine in its own "
+                f"{first['commit']}, float32, {side}x{side}, eval; each engine in its own "
                 f"process, {min(int(r['rounds']) for r in rows)} rotating rounds; median "
                 f"ms [q20, q80], GFLOP/s (fraction of the {first['peak_gflops']} GFLOP/s "
                 "fp32 peak); \"fused is\": that engine's median / fused's:"
@@ -373,6 +396,7 @@ def results_table() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--table", action="store_true", help="print the table, no runs")
+    parser.add_argument("--model", choices=MODELS, default="googlenet")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument(
         "--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS
@@ -389,15 +413,17 @@ def main() -> None:
         worker(args)
         return
     if args.table:
-        print(results_table())
+        print(results_table(args.model))
         return
     rows = measure(args)
     slug = machine_slug(cpu_model(), os.cpu_count() or 1)
-    path = append_rows(f"cpu-network-isolated-{slug}.csv", FIELDS, rows)
+    path = append_rows(csv_glob(args.model).replace("*", slug), FIELDS, rows)
     print(f"appended to {path}")
     if not args.no_readme:
         with contextlib.suppress(FileNotFoundError):
-            if replace_section(README, results_table(), BEGIN, END):
+            marker = MODELS[args.model][3]
+            begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+            if replace_section(README, results_table(args.model), begin, end):
                 print(f"rewrote the network table in {README}")
 
 

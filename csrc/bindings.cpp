@@ -7,7 +7,7 @@
 #include <tuple>
 
 #include "inception_cpu.h"
-#include "network.h"
+#include "program.h"
 
 namespace inception_cpu {
 namespace {
@@ -84,8 +84,8 @@ at::Tensor eval_forward(const at::Tensor& x_in, const at::Tensor& stem_w,
         b5.data_ptr<T>(), ptr(winograd_w3), ptr(winograd_w5)};
     out = at::empty({shape.batch, block.c_out(), shape.height, shape.width},
                     x.options().memory_format(at::MemoryFormat::ChannelsLast));
-    const at::Tensor red3 = at::empty({block.map3(shape).elements(shape, r3)}, x.options());
-    const at::Tensor red5 = at::empty({block.map5(shape).elements(shape, r5)}, x.options());
+    const at::Tensor red3 = at::empty({block.map3(shape)}, x.options());
+    const at::Tensor red5 = at::empty({block.map5(shape)}, x.options());
     inception_forward(block, x.data_ptr<T>(), shape, out.data_ptr<T>(),
                       red3.data_ptr<T>(), red5.data_ptr<T>());
   });
@@ -141,13 +141,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   // module_local: every build defines this type; a process that imports two must not
   // register it twice.
-  pybind11::class_<inception_cpu::NetworkPlan>(
-      m, "NetworkPlan", pybind11::module_local(),
-      "GoogLeNet's eval forward over folded, packed weights as one call (network.h "
-      "documents the tensor and int order; inception_fused/network.py builds it)")
-      .def(pybind11::init<std::vector<at::Tensor>, std::vector<int64_t>>(),
+  pybind11::class_<inception_cpu::Program>(
+      m, "Program", pybind11::module_local(),
+      "An Inception network's eval forward, or a run of its layers, as one call over "
+      "folded, packed weights (program.h documents the encoding; "
+      "inception_fused/program.py builds it)")
+      .def(pybind11::init<std::vector<at::Tensor>, const std::vector<int64_t>&>(),
            pybind11::arg("tensors"), pybind11::arg("ints"))
-      .def("forward", &inception_cpu::NetworkPlan::forward, pybind11::arg("x"),
+      .def("forward", &inception_cpu::Program::forward, pybind11::arg("x"),
            pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("cpu_runs", &inception_cpu::cpu_runs,
         "Whether this CPU runs the 'avx2' or 'avx512' build", pybind11::arg("isa"));

@@ -1,5 +1,5 @@
-// One Inception block's eval forward over buffers the caller holds: step 1 (everything
-// that reads x) then step 2 (the spatial convs), each one parallel region.
+// One GoogLeNet Inception block's eval forward over buffers the caller holds: step 1
+// (everything that reads x) then step 2 (the 3x3 / 5x5 convs), each one conv_step.
 #include "inception_cpu.h"
 
 namespace inception_cpu {
@@ -8,20 +8,40 @@ template <typename T>
 void inception_forward(const InceptionBlock<T>& b, const T* x, const Shape& shape,
                        T* out, T* red3, T* red5) {
   if (shape.pixels() == 0) return;
-  const MapDims d3 = b.map3(shape), d5 = b.map5(shape);
-  const PaddedMap<T> map3{red3, b.r3, b.k3 / 2, d3.height, d3.width};
-  const PaddedMap<T> map5{red5, b.r5, b.k5 / 2, d5.height, d5.width};
-  const int64_t c_out = b.c_out(), stem_cols = b.c1 + b.r3 + b.r5;
-  const auto stem = [&](int64_t col, int64_t cols) {
-    return Weights<T>{b.stem_w + col, stem_cols, b.stem_b + col, cols};
+  // The reduce maps: a k / 2 border, and the extra row / column Winograd's 2x2 tiles
+  // read when H or W is odd.
+  const auto reduce_map = [&](T* data, int64_t channels, int64_t k, bool winograd) {
+    const int64_t pad = k / 2;
+    const PaddedMap<T> map{data, channels, pad,
+                           shape.height + 2 * pad + (winograd ? shape.height % 2 : 0),
+                           shape.width + 2 * pad + (winograd ? shape.width % 2 : 0)};
+    zero_border(map, shape);
+    return map;
   };
-  pointwise_step<T>(x, shape, b.c_in, stem(0, b.c1), stem(b.c1, b.r3),
-                    stem(b.c1 + b.r3, b.r5), {b.pool_w, b.c_pool, b.pool_b, b.c_pool},
-                    {out, c_out}, {out + b.c1 + b.c3 + b.c5, c_out}, map3, map5);
-  const SpatialBranch<T> branches[2] = {
-      {map3, b.k3, {b.w3, b.c3, b.b3, b.c3}, b.winograd3, {out + b.c1, c_out}},
-      {map5, b.k5, {b.w5, b.c5, b.b5, b.c5}, b.winograd5, {out + b.c1 + b.c3, c_out}}};
-  spatial_step<T>(shape, branches, 2);
+  const PaddedMap<T> map3 = reduce_map(red3, b.r3, b.k3, b.winograd3);
+  const PaddedMap<T> map5 = reduce_map(red5, b.r5, b.k5, b.winograd5);
+  const PaddedMap<T> input = dense_map(const_cast<T*>(x), b.c_in, shape);
+  const PaddedMap<T> output = dense_map(out, b.c_out(), shape);
+  const int64_t stem_cols = b.c1 + b.r3 + b.r5;
+  const auto conv = [&](const PaddedMap<T>& in, int64_t k, Pool pool, Weights<T> w,
+                        const T* winograd, const PaddedMap<T>& dst) {
+    return ConvBranch<T>{in, shape, k, k, 1, k / 2, k / 2, pool, w, winograd, shape, dst};
+  };
+  const auto stem = [&](int64_t col, int64_t cols, const PaddedMap<T>& dst) {
+    return conv(input, 1, Pool::kNone, {b.stem_w + col, stem_cols, b.stem_b + col, cols},
+                nullptr, dst);
+  };
+  const ConvBranch<T> step1[4] = {
+      stem(0, b.c1, output), stem(b.c1, b.r3, map3), stem(b.c1 + b.r3, b.r5, map5),
+      conv(input, 1, Pool::kMax, {b.pool_w, b.c_pool, b.pool_b, b.c_pool}, nullptr,
+           output.slice(b.c1 + b.c3 + b.c5))};
+  conv_step<T>(step1, 4);
+  const ConvBranch<T> step2[2] = {
+      conv(map3, b.k3, Pool::kNone, {b.w3, b.c3, b.b3, b.c3}, b.winograd3,
+           output.slice(b.c1)),
+      conv(map5, b.k5, Pool::kNone, {b.w5, b.c5, b.b5, b.c5}, b.winograd5,
+           output.slice(b.c1 + b.c3))};
+  conv_step<T>(step2, 2);
 }
 
 template void inception_forward<float>(const InceptionBlock<float>&, const float*,

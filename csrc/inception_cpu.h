@@ -1,16 +1,20 @@
-// CPU backend of inception_fused: the eval forward in two parallel steps over a
-// channels_last output, mirroring the two Triton launches.
+// CPU backend of inception_fused: eval forwards as steps of fused conv + bias + ReLU
+// branches over channels_last maps, each branch storing into its channel slice.
 //
-//   pointwise.cpp  step 1: x @ [W_1x1 | W_red3 | W_red5] and maxpool -> pool projection
-//   spatial.cpp    step 2: the 3x3 / 5x5 convs over the reduce outputs, as implicit
-//                  GEMMs or, for 3x3 kernels, Winograd F(2x2, 3x3) (winograd.cpp)
-//   gemm.h         the register-blocked GEMM + bias + ReLU both steps run
-//   inception.cpp  one block: the two steps over caller-provided buffers
-//   network.cpp    the whole GoogLeNet eval forward over a NetworkPlan, one call
+//   conv.cpp       conv_step: one parallel region of branches (1x1s reading x, pool
+//                  branches with their pool taken while loading, kh x kw convs as
+//                  implicit GEMMs over zero-bordered maps)
+//   winograd.cpp   Winograd F(2x2, 3x3) for 3x3 stride-1 branches
+//   gemm.h         the register-blocked GEMM + bias + ReLU every step runs
+//   layers.cpp     input load, max pools, the average-pool + FC head
+//   inception.cpp  one GoogLeNet block: two steps over caller-provided buffers
+//   program.cpp    a whole Inception network (GoogLeNet, Inception-v3, the FID
+//                  models) or a run of its layers as one call: a Program of steps
 //   bindings.cpp   checks, allocation, the Python entry points
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -35,16 +39,11 @@ struct Weights {
   int64_t cols;
 };
 
-// One branch's channel slice of the channels_last output: row m starts at
-// data + m * row_stride (data already points at the slice's first channel).
-template <typename T>
-struct OutputSlice {
-  T* data;
-  int64_t row_stride;
-};
-
-// NHWC map with a zero border of `pad` pixels, so a (2 pad + 1)^2 conv reads every
-// window without bounds checks; height and width include the border.
+// An NHWC map with a zero border of `pad` pixels on every side (and any extra rows /
+// columns below and right that a reader's windows reach), so convs read every window
+// without bounds checks; height and width include the border. `channels` is the pixel
+// stride: a view of a channel slice (a branch's part of a block output) points `data` at
+// the slice's first channel and keeps the whole map's stride.
 template <typename T>
 struct PaddedMap {
   T* data;
@@ -53,11 +52,16 @@ struct PaddedMap {
   T* pixel(int64_t n, int64_t h, int64_t w) const {
     return data + ((n * height + h + pad) * width + w + pad) * channels;
   }
-  // Top-left corner of the window centred on output pixel (h, w).
-  const T* window(int64_t n, int64_t h, int64_t w) const {
-    return data + ((n * height + h) * width + w) * channels;
+  PaddedMap slice(int64_t channel) const {
+    return {data + channel, channels, pad, height, width};
   }
 };
+
+// The unbordered map of `shape` at data (a block's channels_last output).
+template <typename T>
+PaddedMap<T> dense_map(T* data, int64_t channels, const Shape& shape) {
+  return {data, channels, 0, shape.height, shape.width};
+}
 
 // Work is split into blocks of output pixels times column chunks, so that even a
 // 7x7 map at batch 1 gives every thread several tasks.
@@ -116,51 +120,58 @@ void zero_border(const PaddedMap<T>& map, const Shape& shape) {
   }
 }
 
-// Height and width (border included) of the zero-bordered map a kernel x kernel conv
-// reads over `shape`; Winograd's 2x2 tiles need an even interior.
-struct MapDims {
-  int64_t height, width;
-  int64_t elements(const Shape& s, int64_t channels) const {
-    return s.batch * height * width * channels;
+
+// A pool of the input taken while a 1x1 conv loads it: 3x3 windows, stride 1, padding
+// 1 (the Inception pool branches). Averages count the padding (kAvg, torchvision) or
+// only the taps inside the map (kAvgExcludePad, the FID networks' TensorFlow pooling).
+enum class Pool : int64_t { kNone = 0, kMax = 1, kAvg = 2, kAvgExcludePad = 3 };
+
+// One conv + bias + ReLU of a step: relu(conv(input) + bias) into a channel slice, as
+// an implicit GEMM over the windows of a zero-bordered map (K = kh runs of kw * C
+// contiguous elements, a bordered row apart: the packed weights' row order, tap * C + c)
+// or, for 3x3 stride-1 kernels with `winograd` weights, Winograd F(2x2, 3x3).
+template <typename T>
+struct ConvBranch {
+  PaddedMap<T> input;  // channels: the conv's C_in
+  Shape in_shape;      // the input's interior
+  int64_t kh, kw, stride, pad_h, pad_w;
+  Pool pool;  // kh = kw = 1 when set
+  Weights<T> weights;  // packed [kh * kw * C_in, cols] (a column range when ldb > cols)
+  const T* winograd;   // winograd_weights of `weights`, or null
+  Shape out_shape;
+  PaddedMap<T> out;
+
+  // Top-left corner of output pixel (h, w)'s window (the border absorbs the padding).
+  const T* window(int64_t n, int64_t h, int64_t w) const {
+    return input.data + ((n * input.height + h * stride + input.pad - pad_h) * input.width +
+                         w * stride + input.pad - pad_w) * input.channels;
+  }
+  KLayout window_layout() const {
+    return {kh, kw * input.channels, input.width * input.channels};
   }
 };
-inline MapDims padded_dims(const Shape& s, int64_t kernel, bool winograd) {
-  const int64_t pad = kernel / 2;
-  return {s.height + 2 * pad + (winograd ? s.height % 2 : 0),
-          s.width + 2 * pad + (winograd ? s.width % 2 : 0)};
+
+// Output size of a conv along one side; <= 0 when the input is too small.
+inline int64_t conv_size(int64_t size, int64_t kernel, int64_t stride, int64_t pad) {
+  return size + 2 * pad < kernel ? 0 : (size + 2 * pad - kernel) / stride + 1;
 }
 
-// Step 1. Reads x (NHWC, c_in channels) once per pixel block: the stem GEMM writes
-// branch 1 into `out1` and the reduce outputs into the interiors of red3 / red5 (whose
-// borders it zeroes); pool tiles take the 3x3/s1/p1 max into a per-thread buffer and
-// multiply it by the pool projection into `out_pool`.
-template <typename T>
-void pointwise_step(const T* x, const Shape& shape, int64_t c_in,
-                    const Weights<T>& branch1, const Weights<T>& reduce3,
-                    const Weights<T>& reduce5, const Weights<T>& pool_proj,
-                    const OutputSlice<T>& out1, const OutputSlice<T>& out_pool,
-                    const PaddedMap<T>& red3, const PaddedMap<T>& red5);
+// Rows / columns a reader's windows reach below / right of the input's interior
+// (Winograd reads whole 2x2 output tiles: one more when the output side is odd).
+inline int64_t reach_past(int64_t in_size, int64_t out_size, int64_t kernel,
+                          int64_t stride, int64_t pad, bool winograd) {
+  const int64_t out = winograd ? out_size + out_size % 2 : out_size;
+  return std::max<int64_t>((out - 1) * stride + kernel - pad - in_size, 0);
+}
 
-// One spatial branch of step 2: a kernel x kernel conv over a zero-bordered reduce map.
-// weights: the packed [kernel^2 * C, cols] matrix (row = tap * C + c); winograd (kernel 3
-// only, else null): its transform by winograd_weights, [16 * C, cols] with the same ldb.
+// One step: every branch's output in one parallel region (pixel blocks or Winograd
+// tile blocks x column chunks). Branches read maps written by earlier steps only.
 template <typename T>
-struct SpatialBranch {
-  PaddedMap<T> input;
-  int64_t kernel;
-  Weights<T> weights;
-  const T* winograd;
-  OutputSlice<T> out;
-
-  // The implicit GEMM's K: `kernel` runs of kernel * C elements, a padded row apart.
-  KLayout window_layout() const {
-    return {kernel, kernel * input.channels, input.width * input.channels};
-  }
-};
+void conv_step(const ConvBranch<T>* branches, int64_t count);
 
 // Winograd F(2x2, 3x3) (winograd.cpp). Tiles of 2x2 output pixels, enumerated like
-// pixels over a (ceil(H/2), ceil(W/2)) grid; the input map needs an even interior
-// (one more zero row / column when H / W is odd).
+// pixels over a (ceil(H/2), ceil(W/2)) grid; the input map must hold the last tile's
+// windows (reach_past).
 constexpr int64_t kWinogradTiles = 24;  // tiles per task: whole row tiles
 static_assert(kWinogradTiles % kTileRows == 0, "a Winograd task is whole row tiles");
 
@@ -171,25 +182,40 @@ void winograd_weights(const T* w, int64_t c_in, int64_t cols, T* u);
 // Output channels [col_begin, col_end) of the tiles tile0 ... tile0 + kWinogradTiles - 1
 // of a 3x3 branch. buffer: a thread's 16 * kWinogradTiles * (C + chunk_cols) scratch.
 template <typename T>
-void winograd_tile_block(const Shape& shape, const SpatialBranch<T>& branch,
-                         int64_t tile0, int64_t col_begin, int64_t col_end, T* buffer);
+void winograd_tile_block(const ConvBranch<T>& branch, int64_t tile0, int64_t col_begin,
+                         int64_t col_end, T* buffer);
 
 // For output pixel (n, h, w) of a branch, if its window overlaps the zero border and
 // any of columns [col_begin, col_end) came out inf or NaN: recomputes those columns
 // over the window's in-image taps only, as PyTorch's CPU convolution (oneDNN) does:
 // padding must not turn an inf or NaN weight into NaN through 0 * inf.
 template <typename T>
-void redo_nonfinite_border_pixel(const Shape& shape, const SpatialBranch<T>& branch,
-                                 int64_t n, int64_t h, int64_t w, int64_t col_begin,
-                                 int64_t col_end);
+void redo_nonfinite_border_pixel(const ConvBranch<T>& branch, int64_t n, int64_t h,
+                                 int64_t w, int64_t col_begin, int64_t col_end);
 
-// Step 2. out = relu(conv(input) + bias) for `count` spatial branches (an Inception
-// block's 3x3 and 5x5; GoogLeNet's stem conv3 alone), as implicit GEMMs reading the
-// zero-bordered maps in place, or Winograd.
+// The layers around the blocks (layers.cpp).
+// x (any strides, [N, C, H, W]) -> the interior of `map` (border zeroed), as
+// x_c * affine[c] + affine[C + c] when affine is not null.
 template <typename T>
-void spatial_step(const Shape& shape, const SpatialBranch<T>* branches, int64_t count);
+void load_input(const at::Tensor& x, const T* affine, const PaddedMap<T>& map);
 
-// One Inception block's folded, packed weights (folding.py's FoldedInception).
+// Output side of a max pool without padding, as PyTorch computes it (ceil mode: the
+// last window must start inside the input; it may hang over the edge). 0: too small.
+int64_t pooled_size(int64_t size, int64_t kernel, int64_t stride, bool ceil_mode);
+
+// out = max over kernel x kernel windows (stride `stride`, clipped at the bottom /
+// right edge as ceil_mode does) of all `in.channels` channels; a NaN gives NaN.
+template <typename T>
+void max_pool(const PaddedMap<T>& in, const Shape& in_shape, int64_t kernel,
+              int64_t stride, const Shape& out_shape, const PaddedMap<T>& out);
+
+// features [N, C] = the average over the interior of `in`; then, when fc_w (packed
+// [C, classes]) is given, logits [N, classes] = features @ fc_w + fc_b.
+template <typename T>
+void average_head(const PaddedMap<T>& in, const Shape& shape, T* features,
+                  const T* fc_w, const T* fc_b, int64_t classes, T* logits);
+
+// One GoogLeNet Inception block's folded, packed weights (folding.py's FoldedInception).
 template <typename T>
 struct InceptionBlock {
   int64_t c_in, c1, r3, r5, c3, c5, c_pool, k3, k5;
@@ -197,12 +223,19 @@ struct InceptionBlock {
   const T *winograd3, *winograd5;  // winograd_weights of w3 / w5, or null
 
   int64_t c_out() const { return c1 + c3 + c5 + c_pool; }
-  MapDims map3(const Shape& s) const { return padded_dims(s, k3, winograd3); }
-  MapDims map5(const Shape& s) const { return padded_dims(s, k5, winograd5); }
+  // Elements of the zero-bordered reduce maps the k3 / k5 convs read over `shape`.
+  int64_t map_elements(const Shape& s, int64_t k, int64_t channels, bool winograd) const {
+    const int64_t pad = k / 2;
+    return s.batch * (s.height + 2 * pad + (winograd ? s.height % 2 : 0)) *
+           (s.width + 2 * pad + (winograd ? s.width % 2 : 0)) * channels;
+  }
+  int64_t map3(const Shape& s) const { return map_elements(s, k3, r3, winograd3); }
+  int64_t map5(const Shape& s) const { return map_elements(s, k5, r5, winograd5); }
 };
 
 // The block's eval forward: x NHWC [shape, c_in] -> out NHWC [shape, c_out], with
-// red3 / red5 scratch of map3 / map5 elements (inception.cpp).
+// red3 / red5 scratch of map3 / map5 elements (inception.cpp): step 1 reads x (branch 1,
+// the reduces, the pool branch with its max taken while loading), step 2 the 3x3 / 5x5.
 template <typename T>
 void inception_forward(const InceptionBlock<T>& block, const T* x, const Shape& shape,
                        T* out, T* red3, T* red5);

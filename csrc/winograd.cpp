@@ -93,8 +93,9 @@ void winograd_weights(const T* w, int64_t c_in, int64_t cols, T* u) {
 }
 
 template <typename T>
-void winograd_tile_block(const Shape& shape, const SpatialBranch<T>& br, int64_t tile0,
-                         int64_t col_begin, int64_t col_end, T* buffer) {
+void winograd_tile_block(const ConvBranch<T>& br, int64_t tile0, int64_t col_begin,
+                         int64_t col_end, T* buffer) {
+  const Shape& shape = br.out_shape;
   const PaddedMap<T>& map = br.input;
   const int64_t c_in = map.channels, cols = col_end - col_begin;
   const int64_t tiles = std::min(
@@ -109,7 +110,7 @@ void winograd_tile_block(const Shape& shape, const SpatialBranch<T>& br, int64_t
   int64_t n_nonfinite = 0;
   for (int64_t t = 0; t < tiles; ++t) {
     const TileOrigin o = tile_origin(shape, tile0 + t);
-    const T* corner = map.window(o.n, o.y, o.x);  // the 4x4 input tile's top-left
+    const T* corner = br.window(o.n, o.y, o.x);  // the 4x4 input tile's top-left
     T probe = 0;  // stays 0 while every input is finite (x - x is NaN for inf / NaN)
     for_each_lane_group<T>(c_in, [&](auto lanes, int64_t c) {
       using U = decltype(lanes);
@@ -152,23 +153,21 @@ void winograd_tile_block(const Shape& shape, const SpatialBranch<T>& br, int64_t
       const U b = load<U>(bias + j);
       for (int dy = 0; dy < 2 && o.y + dy < shape.height; ++dy) {
         for (int dx = 0; dx < 2 && o.x + dx < shape.width; ++dx) {
-          const int64_t pixel = (o.n * shape.height + o.y + dy) * shape.width + o.x + dx;
-          store(br.out.data + pixel * br.out.row_stride + col_begin + j,
+          store(br.out.pixel(o.n, o.y + dy, o.x + dx) + col_begin + j,
                 relu(y[dy][dx] + b));
         }
       }
     });
   }
 
-  // The non-finite tiles again, as the implicit GEMM of spatial_step (overwriting).
+  // The non-finite tiles again, as conv_step's implicit GEMM (overwriting).
   for (int64_t k = 0; k < n_nonfinite; ++k) {
     const TileOrigin o = tile_origin(shape, tile0 + nonfinite[k]);
     int64_t rows = 0;
     for (int dy = 0; dy < 2 && o.y + dy < shape.height; ++dy) {
       for (int dx = 0; dx < 2 && o.x + dx < shape.width; ++dx, ++rows) {
-        const int64_t pixel = (o.n * shape.height + o.y + dy) * shape.width + o.x + dx;
-        a_rows[rows] = map.window(o.n, o.y + dy, o.x + dx);
-        c_rows[rows] = br.out.data + pixel * br.out.row_stride;
+        a_rows[rows] = br.window(o.n, o.y + dy, o.x + dx);
+        c_rows[rows] = br.out.pixel(o.n, o.y + dy, o.x + dx);
       }
     }
     gemm(rows, a_rows, br.window_layout(), br.weights.w, br.weights.ldb,
@@ -178,15 +177,14 @@ void winograd_tile_block(const Shape& shape, const SpatialBranch<T>& br, int64_t
     const TileOrigin o = tile_origin(shape, tile0 + t);
     for (int dy = 0; dy < 2 && o.y + dy < shape.height; ++dy)
       for (int dx = 0; dx < 2 && o.x + dx < shape.width; ++dx)
-        redo_nonfinite_border_pixel(shape, br, o.n, o.y + dy, o.x + dx, col_begin,
-                                    col_end);
+        redo_nonfinite_border_pixel(br, o.n, o.y + dy, o.x + dx, col_begin, col_end);
   }
 }
 
 #define INSTANTIATE(T)                                                         \
   template void winograd_weights<T>(const T*, int64_t, int64_t, T*);           \
-  template void winograd_tile_block<T>(const Shape&, const SpatialBranch<T>&, \
-                                       int64_t, int64_t, int64_t, T*);
+  template void winograd_tile_block<T>(const ConvBranch<T>&, int64_t, int64_t, \
+                                       int64_t, T*);
 INSTANTIATE(float)
 INSTANTIATE(double)
 #undef INSTANTIATE

@@ -1,4 +1,4 @@
-"""GoogLeNet's Inception module as a few fused Triton kernels, drop-in for PyTorch."""
+"""GoogLeNet's and Inception-v3's Inception blocks as fused kernels, drop-in for PyTorch."""
 
 from .fold_cache import refold
 from .googlenet import (
@@ -10,6 +10,7 @@ from .googlenet import (
     to_reference,
     unfuse_googlenet,
 )
+from .inception_v3 import fuse_inception_v3, unfuse_inception_v3
 from .module import FusedInceptionModule
 from .reference import InceptionModule
 
@@ -19,9 +20,11 @@ __all__ = [
     "InceptionModule",
     "TorchvisionFusedInception",
     "fuse_googlenet",
+    "fuse_inception_v3",
     "googlenet",
     "googlenet_loss",
     "refold",
     "to_reference",
     "unfuse_googlenet",
+    "unfuse_inception_v3",
 ]

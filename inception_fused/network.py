@@ -5,9 +5,10 @@ bias, the Inception blocks' folds taken from the blocks themselves
 (:meth:`FusedInceptionModule.folded`), transform_input applied while conv1 loads the
 image, maxpool1 taken while conv2 loads its input, the stride-2 max pools between stages
 written once, and the head (average pool, eval dropout = identity, FC) in one step.
-:func:`build_plan` hands it to the C++ backend (csrc/network.h: weights packed for its
-GEMM micro-kernel, Winograd transforms for the 3x3 convs, activation buffers held between
-calls); :func:`build_triton_plan` to the Triton kernels (kernels/conv.py, max_pool.py,
+:func:`build_plan` hands it to the C++ backend as a :class:`~inception_fused.program.Program`
+(the blocks one instance of the Inception block graph Inception-v3's blocks also are;
+weights packed for its GEMM micro-kernel, Winograd transforms for the 3x3 convs,
+activation buffers held between calls); :func:`build_triton_plan` to the Triton kernels (kernels/conv.py, max_pool.py,
 head.py and the blocks' own): conv1, conv2 with its pool, conv3, maxpool2, nine blocks of
 three launches (stem tiles, pool tiles, 3x3/5x5 tiles), maxpool3, maxpool4 and the head
 make 34 launches, with no host synchronisation.
@@ -30,15 +31,16 @@ import torch
 from torch import nn
 from torchvision.models.googlenet import BasicConv2d, GoogLeNet
 
-from .cpu import CPU_DTYPES, load_extension, winograd_transform, winograd_weights
+from .cpu import CPU_DTYPES, load_extension
 from .eval_launch import inception_eval_forward
 from .fold_cache import FoldCache, module_tensors
-from .folding import FoldedInception, accumulator_dtype, fold_conv_block, pack_weight
+from .folding import FoldedInception, accumulator_dtype, fold_conv_block
 from .kernels.conv import launch_conv_relu, pooled_size
 from .kernels.head import launch_avg_pool_fc
 from .kernels.launch import interpreting, on_device
 from .kernels.max_pool import launch_max_pool
 from .module import FusedInceptionModule
+from .program import BlockGraph, Pool, ProgramBuilder
 
 # Blocks in forward order and the max pool torchvision's GoogLeNet takes after each
 # (kernel, stride 2, ceil_mode); 0: none.
@@ -145,7 +147,7 @@ def _has_hooks(modules: tuple[nn.Module, ...]) -> bool:
 class NetworkPlan:
     """The C++ plan plus what it was built from (kept alive: the plan points into it)."""
 
-    cpp: object  # inception_fused._C.NetworkPlan
+    cpp: object  # inception_fused._C.Program
     dtype: torch.dtype
     folds: tuple[FoldedInception, ...]
     modules: tuple[nn.Module, ...]  # whose hooks would be skipped
@@ -175,7 +177,7 @@ class TritonPlan:
         (w1, b1), (w2, b2), (w3, b3) = self.stem
         with on_device(x):
             x = launch_conv_relu(x, w1, b1, 7, stride=2, transform=self.transform)
-            x = launch_conv_relu(x, w2, b2, 1, pool=True)  # maxpool1 while loading
+            x = launch_conv_relu(x, w2, b2, 1, pool="max_s2")  # maxpool1 as it loads
             x = launch_max_pool(launch_conv_relu(x, w3, b3, 3), 3)
             for f, (_, pool) in zip(self.folds, BLOCKS, strict=True):
                 x = inception_eval_forward(x, f)
@@ -211,41 +213,40 @@ def build_triton_plan(
     return TritonPlan(dtype, transform, stem, folds, fc, tuple(model.modules()))
 
 
+# GoogLeNet's Inception block as the program's block graph (reference.InceptionModule's
+# submodule names); its pool branch max-pools (3x3/s1/p1, ceil mode: the same windows).
+BLOCK_GRAPH = BlockGraph(("x>branch1", "x>branch2.0>branch2.1", "x>branch3.0>branch3.1",
+                          "pool>branch4.1"))  # fmt: skip
+
+
 def build_plan(
     model: GoogLeNet,
     dtype: torch.dtype,
     folds: tuple[FoldedInception, ...] | None = None,
 ) -> NetworkPlan:
-    """Fold, pack and hand every layer of ``model`` to the C++ backend, once.
+    """The whole network as one C++ :class:`~inception_fused.program.Program`: the stem
+    convs and pools, the blocks (their own graph), the pools between stages and the
+    head, BN folded into every conv, once.
 
-    ``folds``: the blocks' folds (default: their cached ``FusedInceptionModule.folded``)."""
-    ext = load_extension()
+    ``folds``: the blocks' cached folds the plan's cache is keyed by (default: theirs)."""
     if folds is None:
         folds = blocks_folded(model, dtype)
-    empty = torch.empty(0, dtype=dtype)
-    with torch.no_grad():
-        # The C++ plan takes the scale and shift rows.
-        transform = _transform_vectors(dtype)[2:] if model.transform_input else empty
-        # The C++ side reads every tensor in the network's dtype.
-        stem = [
-            fold_conv_block(getattr(model, n), dtype)
-            for n in ("conv1", "conv2", "conv3")
-        ]
-        stem = [(w, b.to(dtype)) for w, b in stem]
-        w3 = winograd_transform(ext, stem[2][0], 3)
-        tensors = [transform, *stem[0], *stem[1], *stem[2], empty if w3 is None else w3]
-        ints = []
-        for f, (_, pool) in zip(folds, BLOCKS, strict=True):
-            u3, u5 = winograd_weights(ext, f)
-            block = [f.stem_w, f.stem_b, f.pool_w, f.pool_b, f.w3, f.b3, f.w5, f.b5]
-            tensors += [t.to(dtype) for t in block]
-            tensors += [empty if u is None else u for u in (u3, u5)]
-            ints += [f.c1, f.r3, f.k3, f.k5, pool]
-        tensors += [
-            pack_weight(model.fc.weight.detach()[:, :, None, None], dtype),
-            model.fc.bias.detach().to(dtype).contiguous(),
-        ]
-    cpp = ext.NetworkPlan([t.contiguous() for t in tensors], ints)
+    affine = None
+    if model.transform_input:
+        affine = torch.tensor([TRANSFORM_SCALE, TRANSFORM_SHIFT], dtype=torch.float64)
+    builder = ProgramBuilder(model.conv1.conv.in_channels, affine)
+    builder.conv(model.conv1)
+    builder.max_pool(model.maxpool1)
+    builder.conv(model.conv2)
+    builder.conv(model.conv3)
+    builder.max_pool(model.maxpool2)
+    for name, _ in BLOCKS:
+        builder.block(getattr(model, name), BLOCK_GRAPH, Pool.MAX)
+        if name in POOL_AFTER:
+            builder.max_pool(getattr(model, POOL_AFTER[name]))
+    builder.head(model.fc)
+    tensors, ints = builder.finish().encode(dtype)
+    cpp = load_extension().Program(tensors, ints)
     return NetworkPlan(cpp, dtype, folds, tuple(model.modules()))
 
 

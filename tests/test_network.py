@@ -1,8 +1,8 @@
-"""The whole-network plan (inception_fused/network.py, csrc/network.cpp): torchvision's
+"""The whole-network plan (inception_fused/network.py, a csrc Program): torchvision's
 GoogLeNet after fuse_googlenet runs its eval forward as one C++ call.
 
 Parity with torchvision in every mode the plan serves, each layer of the plan on its own
-(through csrc's NetworkPlan with fewer stages), the plan cache's invalidation, and the
+(through programs with fewer stages), the plan cache's invalidation, and the
 cases that must take torchvision's own forward instead.
 """
 
@@ -17,8 +17,8 @@ from conftest import assert_sees_input, googlenet_that_sees_input
 
 from inception_fused import fuse_googlenet, unfuse_googlenet
 from inception_fused.cpu import load_extension
-from inception_fused.folding import fold_conv_block, pack_weight
-from inception_fused.network import FusedGoogLeNet, build_plan
+from inception_fused.network import BLOCK_GRAPH, FusedGoogLeNet, build_plan
+from inception_fused.program import Pool, ProgramBuilder
 
 NUM_CLASSES = 10
 # Logits |x| ~ 1: fp32 torchvision itself is ~2e-5 from its fp64 twin.
@@ -289,16 +289,22 @@ def test_compiled_model_takes_the_per_block_path():
     assert fused._network_plan is None
 
 
-# --- each layer of the plan, through csrc's NetworkPlan with fewer stages ---------
+# --- each layer of the plan, through programs with fewer stages ------------------
 
 
-def stem_plan_tensors(model, dtype=torch.float32, winograd=True):
-    ext = load_extension()
-    stem = [
-        fold_conv_block(getattr(model, n), dtype) for n in ("conv1", "conv2", "conv3")
-    ]
-    w3 = ext.winograd_weights(stem[2][0]) if winograd else torch.empty(0)
-    return [torch.empty(0), *stem[0], *stem[1], *stem[2], w3]
+def stem_program(model, fc, block=False, winograd=True):
+    """conv1 + maxpool1, conv2, conv3 + maxpool2, (3a + maxpool4), average pool + fc."""
+    builder = ProgramBuilder(3)
+    builder.conv(model.conv1)
+    builder.max_pool(model.maxpool1)
+    builder.conv(model.conv2)
+    builder.conv(model.conv3)
+    builder.max_pool(model.maxpool2)
+    if block:
+        builder.block(model.inception3a, BLOCK_GRAPH, Pool.MAX)
+        builder.max_pool(model.maxpool4)
+    builder.head(fc)
+    return load_extension().Program(*builder.finish().encode(torch.float32, winograd))
 
 
 @pytest.mark.parametrize("winograd", [True, False], ids=["winograd", "direct"])
@@ -307,12 +313,7 @@ def test_stem_and_head_layers_alone(winograd, size):
     """conv1 + pool, conv2, conv3 + pool, average pool and FC without any block."""
     model = torchvision_googlenet()
     fc = torch.nn.Linear(192, 7)
-    tensors = stem_plan_tensors(model, winograd=winograd)
-    tensors += [
-        pack_weight(fc.weight.detach()[:, :, None, None], torch.float32),
-        fc.bias.detach(),
-    ]
-    plan = load_extension().NetworkPlan(tensors, [])
+    plan = stem_program(model, fc, winograd=winograd)
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
         y = model.maxpool1(model.conv1(x))
@@ -324,28 +325,8 @@ def test_stem_and_head_layers_alone(winograd, size):
 def test_one_block_with_pool_after_it():
     """A block's output, then a 2x2/2 ceil-mode pool (maxpool4) on an odd map."""
     model = fuse_googlenet(torchvision_googlenet())
-    block = model.inception3a
-    f = block.folded(torch.float32)
-    ext = load_extension()
     fc = torch.nn.Linear(256, 5)
-    tensors = stem_plan_tensors(model)
-    tensors += [
-        f.stem_w,
-        f.stem_b,
-        f.pool_w,
-        f.pool_b,
-        f.w3,
-        f.b3,
-        f.w5,
-        f.b5,
-        ext.winograd_weights(f.w3),
-        ext.winograd_weights(f.w5),
-    ]
-    tensors += [
-        pack_weight(fc.weight.detach()[:, :, None, None], torch.float32),
-        fc.bias.detach(),
-    ]
-    plan = ext.NetworkPlan(tensors, [f.c1, f.r3, f.k3, f.k5, 2])
+    plan = stem_program(model, fc, block=True)
     x = torch.randn(2, 3, 100, 84)
     with torch.no_grad():
         y = model.maxpool2(model.conv3(model.conv2(model.maxpool1(model.conv1(x)))))
@@ -360,8 +341,5 @@ def test_plan_rejects_mismatched_tensors():
         RuntimeError, match="(?i)expected a 4-D float CPU tensor with 3"
     ):
         plan(torch.randn(1, 4, 64, 64))
-    tensors = stem_plan_tensors(model)
     with pytest.raises(RuntimeError, match="the FC does not take 192"):
-        load_extension().NetworkPlan(
-            tensors + [torch.zeros(100, 3), torch.zeros(3)], []
-        )
+        stem_program(model, torch.nn.Linear(100, 3))

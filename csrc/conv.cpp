@@ -1,0 +1,169 @@
+// conv_step: the one parallel step every eval forward is made of.
+//
+// Implicit GEMM: output pixel (h, w)'s kh x kw window inside a zero-bordered NHWC map is
+// kh runs of kw * C contiguous elements (one per kernel row, a bordered row apart), the
+// packed weights' row order (tap * C + c). So the GEMM's A rows are pointers to window
+// corners (a 1x1 conv's: x's pixels) and no im2col matrix is ever built; bias + ReLU
+// run in the epilogue and results go straight into the branch's channel slice, or into
+// the interior of the zero-bordered map the next step convolves.
+// Pool branches take their 3x3/s1/p1 pool of a pixel block into a per-thread buffer
+// that stays in cache and multiply that: the pooled map never exists.
+// 3x3 stride-1 branches with Winograd weights take winograd.cpp's path: fewer flops.
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "inception_cpu.h"
+
+namespace inception_cpu {
+namespace {
+
+// pooled[i, :] = the pool over the 3x3 window around output pixel m0 + i, clipped to
+// the map (padding 1; ceil_mode changes nothing at stride 1). A NaN in a window gives
+// NaN, as max_pool2d / avg_pool2d do.
+template <typename T>
+void pool_tile(const ConvBranch<T>& br, int64_t m0, int64_t rows, T* pooled) {
+  const Shape& s = br.in_shape;
+  const int64_t c_in = br.input.channels;
+  for_each_pixel(s, m0, rows, [&](int64_t i, int64_t n, int64_t h, int64_t w) {
+    T* dst = pooled + i * c_in;
+    const int64_t h0 = std::max<int64_t>(h - 1, 0), h1 = std::min(h + 2, s.height);
+    const int64_t w0 = std::max<int64_t>(w - 1, 0), w1 = std::min(w + 2, s.width);
+    const bool max = br.pool == Pool::kMax;
+    std::copy_n(br.input.pixel(n, h0, w0), c_in, dst);
+    for (int64_t hh = h0; hh < h1; ++hh) {
+      for (int64_t ww = hh == h0 ? w0 + 1 : w0; ww < w1; ++ww) {
+        const T* src = br.input.pixel(n, hh, ww);
+        for_each_lane_group<T>(c_in, [&](auto lanes, int64_t c) {
+          using U = decltype(lanes);
+          const U a = load<U>(dst + c), b = load<U>(src + c);
+          store(dst + c, max ? nan_max(a, b) : a + b);
+        });
+      }
+    }
+    if (max) return;
+    const T count = br.pool == Pool::kAvg ? T(9) : static_cast<T>((h1 - h0) * (w1 - w0));
+    const T inv = T(1) / count;
+    for_each_lane_group<T>(c_in, [&](auto lanes, int64_t c) {
+      using U = decltype(lanes);
+      store(dst + c, load<U>(dst + c) * inv);
+    });
+  });
+}
+
+template <typename T>
+bool pads(const ConvBranch<T>& br) {
+  return br.pad_h > 0 || br.pad_w > 0;
+}
+
+}  // namespace
+
+template <typename T>
+void redo_nonfinite_border_pixel(const ConvBranch<T>& br, int64_t n, int64_t h,
+                                 int64_t w, int64_t col_begin, int64_t col_end) {
+  const int64_t h0 = h * br.stride - br.pad_h, w0 = w * br.stride - br.pad_w;
+  const Shape& in = br.in_shape;
+  if (h0 >= 0 && h0 + br.kh <= in.height && w0 >= 0 && w0 + br.kw <= in.width) return;
+  T* out = br.out.pixel(n, h, w);
+  bool finite = true;
+  for (int64_t col = col_begin; col < col_end; ++col)
+    finite &= out[col] - out[col] == 0;  // false for inf and NaN
+  if (finite) return;
+  const int64_t c_in = br.input.channels, ldb = br.weights.ldb;
+  const T* corner = br.window(n, h, w);
+  for (int64_t col = col_begin; col < col_end; ++col) {
+    T acc = 0;
+    for (int64_t ky = std::max(-h0, int64_t(0)); ky < std::min(br.kh, in.height - h0); ++ky) {
+      for (int64_t kx = std::max(-w0, int64_t(0)); kx < std::min(br.kw, in.width - w0);
+           ++kx) {
+        const T* a = corner + (ky * br.input.width + kx) * c_in;
+        const T* b = br.weights.w + (ky * br.kw + kx) * c_in * ldb + col;
+        for (int64_t c = 0; c < c_in; ++c) acc += a[c] * b[c * ldb];
+      }
+    }
+    out[col] = relu(acc + br.weights.bias[col]);
+  }
+}
+
+template <typename T>
+void conv_step(const ConvBranch<T>* branches, int64_t count) {
+  // Tasks: (pixel block, branch, column chunk), pixel-block-major so the branches that
+  // read the same rows of x run while those rows are in cache; a pool branch's columns
+  // stay whole so each block pools its tile once. Then Winograd's (tile block, chunk).
+  struct Task {
+    const ConvBranch<T>* branch;
+    int64_t first;  // first pixel (implicit GEMM) or tile (Winograd) of the block
+    int64_t begin, end;
+  };
+  std::vector<Task> tasks;
+  const auto chunks = [&](const ConvBranch<T>* br, int64_t first, bool whole) {
+    const int64_t cols = br->weights.cols, step = whole ? cols : chunk_cols<T>();
+    for (int64_t j = 0; j < cols; j += step)
+      tasks.push_back({br, first, j, std::min(cols, j + step)});
+  };
+  const ConvBranch<T>* end = branches + count;
+  int64_t pixels = 0, pool_channels = 0, winograd_channels = 0;
+  for (const ConvBranch<T>* br = branches; br != end; ++br) {
+    if (br->winograd) winograd_channels = std::max(winograd_channels, br->input.channels);
+    else pixels = std::max(pixels, br->out_shape.pixels());
+    if (br->pool != Pool::kNone) pool_channels = std::max(pool_channels, br->input.channels);
+  }
+  for (int64_t first = 0; first < pixels; first += kBlockRows)
+    for (const ConvBranch<T>* br = branches; br != end; ++br)
+      if (!br->winograd && first < br->out_shape.pixels())
+        chunks(br, first, br->pool != Pool::kNone);
+  for (const ConvBranch<T>* br = branches; br != end; ++br) {
+    if (!br->winograd) continue;
+    const Shape& s = br->out_shape;
+    const int64_t tiles = s.batch * ceil_div(s.height, 2) * ceil_div(s.width, 2);
+    for (int64_t first = 0; first < tiles; first += kWinogradTiles) chunks(br, first, false);
+  }
+
+  const int64_t pool_size = kBlockRows * pool_channels;
+  const int64_t winograd_size =
+      winograd_channels ? 16 * kWinogradTiles * (winograd_channels + chunk_cols<T>()) : 0;
+  const int64_t buffer_size = std::max(pool_size, winograd_size);
+  std::vector<T> buffers(at::get_num_threads() * buffer_size);
+
+  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t index) {
+    const Task& task = tasks[index];
+    const ConvBranch<T>& br = *task.branch;
+    T* buffer = buffers.data() + omp_get_thread_num() * buffer_size;
+    if (br.winograd) {
+      winograd_tile_block(br, task.first, task.begin, task.end, buffer);
+      return;
+    }
+    const int64_t rows = std::min(kBlockRows, br.out_shape.pixels() - task.first);
+    const T* a_rows[kBlockRows];
+    T* c_rows[kBlockRows];
+    KLayout layout = br.window_layout();
+    if (br.pool != Pool::kNone) {
+      pool_tile(br, task.first, rows, buffer);
+      for (int64_t i = 0; i < rows; ++i) a_rows[i] = buffer + i * br.input.channels;
+      layout = {1, br.input.channels, 0};
+    }
+    for_each_pixel(br.out_shape, task.first, rows,
+                   [&](int64_t i, int64_t n, int64_t h, int64_t w) {
+                     if (br.pool == Pool::kNone) a_rows[i] = br.window(n, h, w);
+                     c_rows[i] = br.out.pixel(n, h, w);
+                   });
+    gemm(rows, a_rows, layout, br.weights.w, br.weights.ldb, br.weights.bias, c_rows,
+         task.begin, task.end);
+    if (pads(br))
+      for_each_pixel(br.out_shape, task.first, rows,
+                     [&](int64_t, int64_t n, int64_t h, int64_t w) {
+                       redo_nonfinite_border_pixel(br, n, h, w, task.begin, task.end);
+                     });
+  });
+}
+
+#define INSTANTIATE(T)                                                                  \
+  template void redo_nonfinite_border_pixel<T>(const ConvBranch<T>&, int64_t, int64_t, \
+                                               int64_t, int64_t, int64_t);             \
+  template void conv_step<T>(const ConvBranch<T>*, int64_t);
+INSTANTIATE(float)
+INSTANTIATE(double)
+#undef INSTANTIATE
+
+}  // namespace inception_cpu

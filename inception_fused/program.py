@@ -1,0 +1,317 @@
+"""An Inception network's eval forward as a program of fused steps, for either backend.
+
+A program is a list of ops over named channels_last maps:
+
+- :class:`ConvOp`: branches of conv + folded BN + ReLU that run together (one parallel
+  region on CPU), each storing into its channel slice of a map: a block's output, or the
+  map the next depth of a branch reads. The 1x1 convs that read the same map are one
+  packed weight (one GEMM over the rows of x); a pool branch takes its 3x3/s1/p1 pool
+  (max, or average with or without the padding counted) while its 1x1 loads.
+- :class:`MaxPoolOp`: a max pool into a channel slice (the stem's and the stride-2
+  blocks' pass-through branch).
+- :class:`HeadOp`: the average pool, then the FC when there is one.
+
+:func:`build_program` makes one from a run of layers in forward order (BasicConv2d,
+MaxPool2d, Inception blocks described by a :class:`BlockGraph`, AdaptiveAvgPool2d(1),
+Linear). The C++ backend runs it as one call (``Program`` in csrc/program.h, fed by
+:meth:`Program.encode`).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .cpu import load_extension, winograd_transform
+from .folding import fold_conv_block, pack_weight
+
+
+class Pool(enum.IntEnum):
+    """A pool branch's 3x3/s1/p1 pool, taken while its 1x1 conv loads the input."""
+
+    NONE = 0
+    MAX = 1
+    AVG = 2  # count_include_pad=True (torchvision)
+    AVG_EXCLUDE_PAD = 3  # count_include_pad=False (TensorFlow's, the FID networks')
+
+
+@dataclass(frozen=True)
+class BlockGraph:
+    """An Inception block as chains of its BasicConv2d submodules.
+
+    Each chain is "source>conv>conv...": the source is "x" (the block input), "pool"
+    (the block's pool branch: the pool of x), or a conv of an earlier chain (Inception-E's
+    split). The block's output is the concatenation of every chain's last conv, in chain
+    order, then ``pass_through`` (a max pool of x, kernel 3 stride 2, for the stride-2
+    blocks).
+    """
+
+    chains: tuple[str, ...]
+    pass_through: bool = False
+
+    def edges(self) -> list[tuple[str, str]]:
+        """(source, conv) for every conv, sources first."""
+        out = []
+        for chain in self.chains:
+            names = chain.split(">")
+            out += list(itertools.pairwise(names))
+        return out
+
+    def outputs(self) -> list[str]:
+        return [chain.split(">")[-1] for chain in self.chains]
+
+
+@dataclass
+class Map:
+    channels: int
+    border: int = 0  # the widest padding of a conv that reads it
+    slot: int = -1  # buffer shared with maps of disjoint lives; -1: the result
+
+
+@dataclass
+class Branch:
+    src: int
+    dst: int
+    dst_channel: int
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d
+    pool: Pool = Pool.NONE
+    weight: int = -1  # tensor indices, set by Program.encode
+    bias: int = -1
+    col_begin: int = 0
+    col_end: int = 0
+    winograd: int = -1
+
+    @property
+    def geometry(self) -> tuple[int, ...]:
+        """kh, kw, stride, pad_h, pad_w (basic_conv_ok: one stride both ways)."""
+        (kh, kw), (ph, pw) = self.conv.kernel_size, self.conv.padding
+        return kh, kw, self.conv.stride[0], ph, pw
+
+
+@dataclass
+class ConvOp:
+    branches: list[Branch]
+
+
+@dataclass
+class MaxPoolOp:
+    src: int
+    dst: int
+    dst_channel: int
+    kernel: int
+    stride: int
+    ceil_mode: bool
+
+
+@dataclass
+class HeadOp:
+    src: int
+    fc: nn.Linear | None = None
+
+
+def basic_conv_ok(m: nn.Module) -> bool:
+    """A BasicConv2d (conv without bias, eval BatchNorm, ReLU) the kernels run."""
+    conv, bn = getattr(m, "conv", None), getattr(m, "bn", None)
+    return (
+        type(conv) is nn.Conv2d
+        and conv.bias is None
+        and conv.groups == 1
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+        and isinstance(conv.padding, tuple)
+        and conv.stride[0] == conv.stride[1]
+        and type(bn) is nn.BatchNorm2d
+        and bn.running_mean is not None
+        and bn.num_features == conv.out_channels
+    )
+
+
+def max_pool_ok(m: nn.Module) -> bool:
+    def pair(v: int | Sequence[int]) -> tuple[int, ...]:
+        return tuple(v) if isinstance(v, Sequence) else (v, v)
+
+    return (
+        type(m) is nn.MaxPool2d
+        and pair(m.kernel_size)[0] == pair(m.kernel_size)[1]
+        and pair(m.stride)[0] == pair(m.stride)[1]
+        and pair(m.padding) == (0, 0)
+        and pair(m.dilation) == (1, 1)
+        and not m.return_indices
+    )
+
+
+@dataclass
+class Program:
+    """Ops over maps; map 0 is the input (its affine: x * scale + shift per channel)."""
+
+    maps: list[Map]
+    ops: list[ConvOp | MaxPoolOp | HeadOp] = field(default_factory=list)
+    affine: torch.Tensor | None = None  # [2, C_in]
+    modules: tuple[nn.Module, ...] = ()  # whose tensors and hooks it depends on
+
+    def encode(
+        self, dtype: torch.dtype, winograd: bool = True
+    ) -> tuple[list[torch.Tensor], list[int]]:
+        """The tensors and ints of csrc/program.h: BN folded into every conv, the 1x1s
+        that read one map and run in one op packed side by side, 3x3 stride-1 convs
+        Winograd-transformed (unless a weight is not finite, or ``winograd`` is off)."""
+        ext = load_extension()
+        tensors: list[torch.Tensor] = []
+
+        def add(t: torch.Tensor) -> int:
+            tensors.append(t.to(dtype).contiguous())
+            return len(tensors) - 1
+
+        ints = [len(self.maps)]
+        for m in self.maps:
+            ints += [m.channels, m.border, m.slot]
+        ints += [0, 0, add(self.affine) if self.affine is not None else -1]
+        with torch.no_grad():
+            for op in self.ops:
+                if isinstance(op, MaxPoolOp):
+                    ints += [2, op.src, op.dst, op.dst_channel, op.kernel, op.stride,
+                             int(op.ceil_mode)]  # fmt: skip
+                elif isinstance(op, HeadOp):
+                    fc = op.fc
+                    w = -1 if fc is None else add(pack_weight(fc.weight[:, :, None, None], dtype))
+                    b = -1 if fc is None else add(fc.bias)
+                    ints += [3, op.src, w, b]
+                else:
+                    ints += [1, len(op.branches)]
+                    for br in _pack(op, dtype, add, ext if winograd else None):
+                        kh, kw, stride, ph, pw = br.geometry
+                        ints += [br.src, br.dst, br.dst_channel, kh, kw, stride, ph, pw,
+                                 int(br.pool), br.weight, br.bias, br.col_begin,
+                                 br.col_end, br.winograd]  # fmt: skip
+        return tensors, ints
+
+
+def _pack(op: ConvOp, dtype: torch.dtype, add, ext) -> list[Branch]:
+    """Folds and packs an op's weights: 1x1 convs without a pool that read the same map
+    share one [C_in, sum of cols] matrix."""
+    groups: dict[int, list[Branch]] = {}
+    for br in op.branches:
+        if br.geometry == (1, 1, 1, 0, 0) and br.pool == Pool.NONE:
+            groups.setdefault(br.src, []).append(br)
+        else:
+            w, b = fold_conv_block(br, dtype)
+            br.weight, br.bias = add(w), add(b)
+            br.col_begin, br.col_end = 0, w.shape[1]
+            u = None
+            if ext is not None and br.geometry[:3] == (3, 3, 1):
+                u = winograd_transform(ext, w, 3)
+            br.winograd = -1 if u is None else add(u)
+    for group in groups.values():
+        folded = [fold_conv_block(br, dtype) for br in group]
+        weight = add(torch.cat([w for w, _ in folded], 1))
+        bias = add(torch.cat([b for _, b in folded]))
+        col = 0
+        for br, (w, _) in zip(group, folded, strict=True):
+            br.weight, br.bias, br.col_begin, br.col_end = weight, bias, col, col + w.shape[1]
+            col += w.shape[1]
+    return op.branches
+
+
+class ProgramBuilder:
+    """Appends layers to a program; :meth:`finish` assigns buffer slots."""
+
+    def __init__(self, in_channels: int, affine: torch.Tensor | None = None) -> None:
+        self.program = Program([Map(in_channels)], affine=affine)
+        self.current = 0  # the map the next layer reads
+        self.modules: list[nn.Module] = []
+
+    def _map(self, channels: int) -> int:
+        self.program.maps.append(Map(channels))
+        return len(self.program.maps) - 1
+
+    def _read(self, src: int, branch: Branch) -> Branch:
+        m = self.program.maps[src]
+        m.border = max(m.border, *branch.conv.padding)
+        return branch
+
+    def conv(self, m: nn.Module) -> None:
+        self.modules.append(m)
+        dst = self._map(m.conv.out_channels)
+        self.program.ops.append(ConvOp([self._read(self.current, Branch(self.current, dst, 0, m.conv, m.bn))]))
+        self.current = dst
+
+    def max_pool(self, m: nn.MaxPool2d) -> None:
+        self.modules.append(m)
+        k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
+        s = m.stride if isinstance(m.stride, int) else m.stride[0]
+        dst = self._map(self.program.maps[self.current].channels)
+        self.program.ops.append(MaxPoolOp(self.current, dst, 0, k, s, m.ceil_mode))
+        self.current = dst
+
+    def block(self, m: nn.Module, graph: BlockGraph, pool: Pool) -> None:
+        """The block's convs grouped by depth: every branch that reads x (the 1x1s, the
+        pool branch, a stride-2 3x3) in one op, then each next depth in one op."""
+        self.modules.append(m)
+        x = self.current
+        c_in = self.program.maps[x].channels
+        edges = graph.edges()
+        convs = {name: m.get_submodule(name) for _, name in edges}
+        widths = [convs[name].conv.out_channels for name in graph.outputs()]
+        c_out = sum(widths) + (c_in if graph.pass_through else 0)
+        out = self._map(c_out)
+        offsets = dict(zip(graph.outputs(), [sum(widths[:i]) for i in range(len(widths))], strict=True))
+        depth: dict[str, int] = {"x": -1, "pool": -1}
+        where: dict[str, int] = {"x": x, "pool": x}
+        steps: list[list[Branch]] = []
+        for src, name in edges:
+            depth[name] = depth[src] + 1
+            c = convs[name]
+            if name in offsets:
+                dst, channel = out, offsets[name]
+            else:
+                dst, channel = self._map(c.conv.out_channels), 0
+            where[name] = dst
+            br = Branch(where[src], dst, channel, c.conv, c.bn, pool if src == "pool" else Pool.NONE)
+            if len(steps) <= depth[name]:
+                steps.append([])
+            steps[depth[name]].append(self._read(where[src], br))
+        if graph.pass_through:
+            self.program.ops.append(MaxPoolOp(x, out, sum(widths), 3, 2, False))
+        self.program.ops += [ConvOp(step) for step in steps]
+        self.current = out
+
+    def head(self, fc: nn.Linear | None) -> None:
+        self.program.ops.append(HeadOp(self.current, fc))
+        if fc is not None:
+            self.modules.append(fc)
+
+    def finish(self) -> Program:
+        """Slots by liveness: a map's buffer is free for a later map once the last op
+        that reads it is past (a map read and a map written by one op never share)."""
+        prog = self.program
+        first, last = {0: 0}, {0: 0}
+        for i, op in enumerate(prog.ops, start=1):
+            if isinstance(op, ConvOp):
+                reads = [b.src for b in op.branches]
+                writes = [b.dst for b in op.branches]
+            else:
+                reads, writes = [op.src], [] if isinstance(op, HeadOp) else [op.dst]
+            for m in reads:
+                last[m] = i
+            for m in writes:
+                first.setdefault(m, i)
+                last[m] = max(last.get(m, i), i)
+        result = None if isinstance(prog.ops[-1], HeadOp) else self.current
+        free_at: list[int] = []  # per slot: the op after which it is free
+        for m in sorted(first, key=first.get):
+            if m == result:
+                prog.maps[m].slot = -1
+                continue
+            slot = next((s for s, t in enumerate(free_at) if t < first[m]), len(free_at))
+            if slot == len(free_at):
+                free_at.append(0)
+            free_at[slot] = last[m]
+            prog.maps[m].slot = slot
+        prog.modules = tuple(self.modules)
+        return prog
