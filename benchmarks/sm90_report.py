@@ -1,7 +1,10 @@
 """What an H100 would make of the kernels, read without one: an sm_90a codegen report.
 
 Every Triton launch the launchers make (eval forward, train forward, backward) for the
-nine GoogLeNet configurations at batches 1 to 256, for channels_last and NCHW inputs, in
+nine GoogLeNet configurations, the whole GoogLeNet eval forward (``googlenet``) and one
+layer of each kind Inception-v3's eval forward launches (``inception_v3``: rectangular and
+unpadded strided convs, pooled 1x1s, floor-mode max pools into channel slices) at batches
+1 to 256, for channels_last and NCHW inputs, in
 bf16, fp16, fp32 with TF32 (torch's default for convs), fp32 with TF32 off
 (``fp32-ieee``: FMA dots, no tensor cores) and fp64 (at batch 1: gradcheck's dtype), is
 recorded on meta tensors and compiled for sm_90a as
@@ -14,13 +17,16 @@ TMA: a software-pipelined main loop) and CTAs per SM.
     python benchmarks/sm90_report.py                 # full grid -> CSVs + table
     python benchmarks/sm90_report.py --check         # exit 1 naming failing rows
     python benchmarks/sm90_report.py --configs 3a --batches 32 --dtypes bf16 --check
+    python benchmarks/sm90_report.py --configs inception_v3 --kernels conv_relu_kernel --check
     python benchmarks/sm90_report.py --readme README.md
 
 ``--check`` fails a row on any spill, a tensor-core tl.dot kernel without HGMMA, a tl.dot
 conv main loop without asynchronous loads (the head's is a pooling loop: UNPIPELINED), or
 shared memory over 227 KiB per block.
 
-Writes benchmarks/results/sm90-static.csv (one row per distinct compile),
+Writes benchmarks/results/sm90-static.csv (one row per distinct compile; a run narrowed
+by --configs, --kernels or the grid's other options replaces the rows of its Triton version
+that it compiled again and keeps the rest),
 benchmarks/results/sm90-roofline.csv (FLOPs, minimum bytes and the H100 lower bound per
 configuration x batch x dtype x mode, to read GPU timings against) and
 benchmarks/results/sm90-network-bytes.csv (the whole network's bytes per image, eager
@@ -57,6 +63,7 @@ from inception_fused.kernels.aot import (
     MODES,
     Launch,
     compile_launch,
+    inception_v3_layer_launches,
     launch_key,
     module_launches,
     network_launches,
@@ -87,7 +94,9 @@ LAYOUTS = ("channels_last", "nchw")
 # is those loads (vectorised, not fed to a dot), its GEMM 1/49th of them.
 UNPIPELINED = {"avg_pool_fc_kernel"}
 NETWORK = "googlenet"  # the whole network's plan: its stem, pools and head kernels
-CONFIGS = (*GOOGLENET_CONFIGS, NETWORK)
+INCEPTION_V3 = "inception_v3"  # Inception-v3's layer kinds (aot.INCEPTION_V3_CONVS)
+NETWORKS = {NETWORK: network_launches, INCEPTION_V3: inception_v3_layer_launches}
+CONFIGS = (*GOOGLENET_CONFIGS, *NETWORKS)
 BATCHES = (1, 8, 32, 128, 256)  # the benchmark grid's
 FP64_BATCHES = (1,)
 BRANCH3_KERNEL = 5  # the paper's; 3 (torchvision) compiles to the same binaries
@@ -244,7 +253,7 @@ def collect(
             launch_settings, "_cudnn_conv_allows_tf32", lambda d=dname: d == "fp32"
         )
         for name in configs:
-            if name == NETWORK and "eval" not in modes:
+            if name in NETWORKS and "eval" not in modes:
                 continue
             for batch in FP64_BATCHES if dname == "fp64" else batches:
                 for layout in layouts:
@@ -252,6 +261,10 @@ def collect(
                     if name == NETWORK:
                         record = functools.partial(
                             network_launches, batch, 224, dtype, channels_last=cl
+                        )
+                    elif name in NETWORKS:
+                        record = functools.partial(
+                            NETWORKS[name], batch, dtype, channels_last=cl
                         )
                     else:
                         cfg = GOOGLENET_CONFIGS[name]
@@ -267,6 +280,8 @@ def collect(
                     for role, found in recorded:
                         for mode, launches in found.items():
                             for launch in launches:
+                                if kernels and launch.name not in kernels:
+                                    continue
                                 key = launch_key(launch)
                                 if key not in rows:
                                     start = time.perf_counter()
@@ -318,7 +333,7 @@ def roofline_rows(configs, batches) -> list[dict]:
     and writes dx and dW once), per configuration x batch x precision."""
     rows = []
     for name in configs:
-        if name == NETWORK:
+        if name in NETWORKS:
             continue
         cfg = GOOGLENET_CONFIGS[name]
         for batch in batches:
@@ -443,11 +458,37 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def other_tritons_rows() -> list[dict]:
+def kept_rows(args: argparse.Namespace) -> list[dict]:
+    """The CSV rows a run keeps: other Triton versions', and this version's that the run
+    did not compile again (a narrowed run: --configs, --batches, --dtypes, --modes,
+    --layouts or --kernels). A row is compiled again when its kernel, mode and dtype were
+    in the run and every point (configuration/batch[/nchw]) that used it was."""
     if not STATIC_CSV.exists():
         return []
+
+    def covered(point: str) -> bool:
+        name, batch, *nchw = point.split("/")
+        layout = "nchw" if nchw else "channels_last"
+        return (
+            name in args.configs
+            and int(batch) in args.batches
+            and layout in args.layouts
+        )
+
+    def rerun(r: dict) -> bool:
+        return (
+            (not args.kernels or r["kernel"] in args.kernels)
+            and r["mode"] in args.modes
+            and r["dtype"] in args.dtypes
+            and all(covered(point) for point in r["used_by"].split())
+        )
+
     with STATIC_CSV.open(newline="") as f:
-        return [r for r in csv.DictReader(f) if r["triton"] != triton.__version__]
+        return [
+            r
+            for r in csv.DictReader(f)
+            if r["triton"] != triton.__version__ or not rerun(r)
+        ]
 
 
 def table(rows: list[Row]) -> str:
@@ -537,8 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.no_write:
         # Rows of other Triton versions stay: the CSV holds one grid per Triton.
-        write_csv(STATIC_CSV, other_tritons_rows() + [r.csv_row() for r in rows])
-        write_csv(ROOFLINE_CSV, roofline_rows(args.configs, args.batches))
+        write_csv(STATIC_CSV, kept_rows(args) + [r.csv_row() for r in rows])
+        if roofline := roofline_rows(args.configs, args.batches):
+            write_csv(ROOFLINE_CSV, roofline)
         write_csv(NETWORK_BYTES_CSV, network_bytes_rows())
     text = table(rows)
     if args.readme:

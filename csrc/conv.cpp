@@ -12,6 +12,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "inception_cpu.h"
@@ -124,12 +125,13 @@ void conv_step(const ConvBranch<T>* branches, int64_t count) {
   const int64_t winograd_size =
       winograd_channels ? 16 * kWinogradTiles * (winograd_channels + chunk_cols<T>()) : 0;
   const int64_t buffer_size = std::max(pool_size, winograd_size);
-  std::vector<T> buffers(at::get_num_threads() * buffer_size);
+  // Scratch, not zeroed: every task writes what it reads.
+  const std::unique_ptr<T[]> buffers(new T[at::get_num_threads() * buffer_size]);
 
   parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t index) {
     const Task& task = tasks[index];
     const ConvBranch<T>& br = *task.branch;
-    T* buffer = buffers.data() + omp_get_thread_num() * buffer_size;
+    T* buffer = buffers.get() + omp_get_thread_num() * buffer_size;
     if (br.winograd) {
       winograd_tile_block(br, task.first, task.begin, task.end, buffer);
       return;

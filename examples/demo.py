@@ -1,11 +1,12 @@
-"""make demo: every GoogLeNet Inception configuration, then the whole network swapped.
+"""make demo: every GoogLeNet Inception configuration, then whole networks swapped.
 
 1. Each configuration at its real 28/14/7 feature map, reference vs fused with the same
    weights: max abs difference and time. On a GPU the Triton kernels (bfloat16, batch 32);
    without one the C++ CPU backend (float32, batch 8) against eager PyTorch on the same
    cores.
-2. The main job: torchvision's GoogLeNet, swapped by fuse_googlenet, classifying a batch
-   of 224x224 images; its logits against the original's, and the speedup.
+2. The main job: torchvision's GoogLeNet (fuse_googlenet, 224x224) and Inception-v3
+   (fuse_inception_v3, 299x299) classifying a batch; logits against the original's, and
+   the speedup.
 """
 
 import os
@@ -13,11 +14,17 @@ import time
 
 import torch
 import torchvision
-from torchvision.models import GoogLeNet_Weights
+from torchvision.models import GoogLeNet_Weights, Inception_V3_Weights
 
 ON_GPU = torch.cuda.is_available()
 
-from inception_fused import FusedInceptionModule, InceptionModule, cpu, fuse_googlenet
+from inception_fused import (
+    FusedInceptionModule,
+    InceptionModule,
+    cpu,
+    fuse_googlenet,
+    fuse_inception_v3,
+)
 from inception_fused.configs import GOOGLENET_CONFIGS
 
 
@@ -77,35 +84,44 @@ def main() -> None:
 LOGIT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 
-def pretrained_weights() -> GoogLeNet_Weights | None:
-    """torchvision's ImageNet weights if already downloaded (the demo never downloads)."""
-    weights = GoogLeNet_Weights.IMAGENET1K_V1
-    cached = os.path.join(
-        torch.hub.get_dir(), "checkpoints", weights.url.split("/")[-1]
-    )
-    return weights if os.path.exists(cached) else None
+# name: (builder, ImageNet weights, the swap, image side)
+NETWORKS = {
+    "GoogLeNet": (torchvision.models.googlenet, GoogLeNet_Weights.IMAGENET1K_V1,
+                  fuse_googlenet, 224),
+    "Inception-v3": (torchvision.models.inception_v3, Inception_V3_Weights.IMAGENET1K_V1,
+                     fuse_inception_v3, 299),
+}  # fmt: skip
 
 
-def googlenet_swap() -> None:
-    """torchvision's GoogLeNet, swapped onto fused blocks, classifying a batch."""
+def cached(weights):
+    """The weights if already downloaded (the demo never downloads), else None."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", weights.url.split("/")[-1])
+    return weights if os.path.exists(path) else None
+
+
+def network_swap(name: str) -> None:
+    """A torchvision network, swapped onto fused layers, classifying a batch."""
+    build, imagenet, swap, side = NETWORKS[name]
     device = "cuda" if ON_GPU else "cpu"
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     batch = 32 if ON_GPU else 4
-    weights = pretrained_weights()
+    weights = cached(imagenet)
     torch.manual_seed(0)
-    model = torchvision.models.googlenet(weights=weights, init_weights=weights is None)
-    if weights is None:  # give BN non-trivial statistics, as trained weights have
+    model = build(weights=weights, init_weights=False)
+    if weights is None:  # He-initialised convs, BN statistics as trained weights have
         with torch.no_grad():
-            for bn in model.modules():
-                if isinstance(bn, torch.nn.BatchNorm2d):
-                    bn.running_mean.normal_(0.0, 0.2)
-                    bn.running_var.uniform_(0.5, 1.5)
+            for m in model.modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                elif isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.normal_(0.0, 0.2)
+                    m.running_var.uniform_(0.5, 1.5)
     model = model.to(device, dtype, memory_format=torch.channels_last).eval()
-    fused = fuse_googlenet(model, inplace=False)  # the swap
+    fused = swap(model, inplace=False)  # the swap
 
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    images = (torch.rand(batch, 3, 224, 224) - mean) / std  # normalised like ImageNet
+    images = (torch.rand(batch, 3, side, side) - mean) / std  # normalised like ImageNet
     images = images.to(device, dtype).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         expected, logits = model(images).float(), fused(images).float()
@@ -126,7 +142,7 @@ def googlenet_swap() -> None:
     source = (
         "ImageNet weights" if weights else "random weights (no cached ImageNet weights)"
     )
-    print(f"\ntorchvision GoogLeNet, {source}, {dtype}, batch {batch}x3x224x224")
+    print(f"\ntorchvision {name}, {source}, {dtype}, batch {batch}x3x{side}x{side}")
     verdict = "equal within" if diff <= tolerance else "NOT equal within"
     print(
         f"  logits max|diff| {diff:.2e}: {verdict} {tolerance:.0e} "
@@ -138,9 +154,13 @@ def googlenet_swap() -> None:
         names = weights.meta["categories"]
         top = [names[i] for i in logits.argmax(1)[:4].tolist()]
         print(f"  fused top-1 of the first images: {top}")
-    # On CPU the fused model's eval forward is one C++ call over a network plan
-    # (inception_fused/network.py); elsewhere torchvision's forward over fused blocks.
-    how = "whole network, one C++ call" if fused._network_plan else "fused blocks"
+    # The whole network as one plan (GoogLeNet's, Inception-v3's program): one C++ call
+    # on CPU, Triton launches on a GPU; else fused layers under torchvision's forward.
+    plan = fused.__dict__.get("_network_plan") or getattr(
+        fused.__dict__.get("_program_cache"), "value", None
+    )
+    how = "whole network, " + ("Triton launches" if ON_GPU else "one C++ call")
+    how = how if plan is not None else "fused layers"
     print(
         f"  eager {t_eager:.2f} ms, fused ({how}) {t_fused:.2f} ms per batch: "
         f"{t_eager / t_fused:.2f}x speedup (channels_last, medians of {reps})"
@@ -149,4 +169,5 @@ def googlenet_swap() -> None:
 
 if __name__ == "__main__":
     main()
-    googlenet_swap()
+    for network in NETWORKS:
+        network_swap(network)

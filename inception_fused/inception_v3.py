@@ -3,8 +3,9 @@
 :func:`fuse_inception_v3` switches the classes of the layers it recognises in a module
 tree to fused subclasses: modules, parameters and state dict stay as they are, and
 :func:`unfuse_inception_v3` switches them back. A fused layer's eval forward (no
-autograd, no autocast, no hooks, not traced, float32/float64 on CPU) runs a
-:class:`~inception_fused.program.Program` as one C++ call:
+autograd, no autocast, no hooks, not traced) runs a :class:`~inception_fused.program.Program`:
+as one C++ call for float32/float64 CPU tensors, as Triton launches for CUDA tensors
+(one per conv, into its channel slice). What one program covers:
 
 - torchvision ``Inception3``: the whole network (transform_input, stem, the eleven
   Mixed blocks, average pool, FC).
@@ -29,12 +30,14 @@ from torch import nn
 
 from .cpu import CPU_DTYPES, load_extension
 from .fold_cache import FoldCache, module_tensors
+from .kernels.launch import interpreting
 from .network import TRANSFORM_SCALE, TRANSFORM_SHIFT, _has_hooks
 from .program import (
     BlockGraph,
     HeadOp,
     Pool,
     ProgramBuilder,
+    TritonProgram,
     basic_conv_ok,
     max_pool_ok,
 )
@@ -161,18 +164,31 @@ class FusedLayer(nn.Module):
             return run(x)
         return super().forward(*args, **kwargs)
 
+    def _backend(self, x: torch.Tensor) -> str | None:
+        """"cpu" (the C++ backend), "triton" (CUDA, or the interpreter on CPU with
+        backend="triton"), or None: the layer's own forward."""
+        backend = self.__dict__.get("_fused_backend")
+        if x.is_cuda:
+            return "triton" if backend in (None, "triton") else None
+        if x.device.type != "cpu" or x.dtype not in CPU_DTYPES:
+            return None
+        if backend == "triton":
+            return "triton" if interpreting() else None
+        return "cpu"
+
     def _program(self, x: torch.Tensor):
-        """The cached C++ program for x, or None where the layer's own forward runs."""
+        """The cached program for x on its backend, or None where the layer's own forward
+        runs."""
         if (
             self.training
-            or x.device.type != "cpu"
-            or x.dtype not in CPU_DTYPES
             or x.dim() != 4
+            or not x.is_floating_point()
             or torch.compiler.is_compiling()
             or torch.jit.is_tracing()
             or torch.jit.is_scripting()
             or torch.onnx.is_in_onnx_export()
-            or torch.is_autocast_enabled("cpu")
+            or torch.is_autocast_enabled(x.device.type)
+            or (backend := self._backend(x)) is None
         ):
             return None
         layers, c_in, affine = self._layers()
@@ -193,17 +209,16 @@ class FusedLayer(nn.Module):
             program = _layers_program(layers, c_in, affine)
             if program is None:
                 return None
-            tensors, ints = program.encode(x.dtype)
-            cpp = load_extension().Program(tensors, ints)
-            features_only = type(layers[-1]) is nn.AdaptiveAvgPool2d
+            if backend == "triton":
+                forward = TritonProgram.build(program, x.dtype, x.device)
+            else:
+                forward = load_extension().Program(*program.encode(x.dtype)).forward
+            if type(layers[-1]) is not nn.AdaptiveAvgPool2d:
+                return forward
+            return lambda inp: forward(inp)[:, :, None, None]  # the pool's [N, C, 1, 1]
 
-            def run(inp: torch.Tensor) -> torch.Tensor:
-                out = cpp.forward(inp)
-                return out[:, :, None, None] if features_only else out
-
-            return run
-
-        return cache.get(module_tensors(layers), build, (x.dtype, affine is not None))
+        key = (x.dtype, x.device, backend, affine is not None)
+        return cache.get(module_tensors(layers), build, key)
 
     def train(self, mode: bool = True):
         cache = self.__dict__.get("_program_cache")
@@ -307,11 +322,14 @@ def fuse_inception_v3(
     ``InceptionV3``, torch-fidelity ``FeatureExtractorInceptionV3``, torchmetrics'
     ``NoTrainInceptionV3`` (or a metric holding one), or any tree containing their layers.
 
-    Same outputs and state dict; ``inplace=False`` fuses a deep copy. ``backend``: None or
-    "cpu" (the C++ backend for CPU tensors).
+    Same outputs and state dict; ``inplace=False`` fuses a deep copy. ``backend``: None
+    (the C++ backend for float32/float64 CPU tensors, Triton for CUDA tensors), "cpu" (C++
+    only) or "triton" (Triton only; on CPU through the interpreter, for tests).
     """
-    if backend not in (None, "cpu"):
-        raise ValueError(f"fuse_inception_v3: backend must be None or 'cpu', got {backend!r}")
+    if backend not in (None, "cpu", "triton"):
+        raise ValueError(
+            f"fuse_inception_v3: backend must be None, 'cpu' or 'triton', got {backend!r}"
+        )
     if not inplace:
         import copy
 
@@ -327,6 +345,7 @@ def fuse_inception_v3(
             continue
         if _recognised(m) or (type(m) is nn.Sequential and id(m) in fid_blocks):
             m.__class__ = fused_class(type(m))
+            m._fused_backend = backend
     return model
 
 
@@ -339,6 +358,7 @@ def unfuse_inception_v3(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     for m in model.modules():
         if isinstance(m, FusedLayer):
             m.__dict__.pop("_program_cache", None)
+            m.__dict__.pop("_fused_backend", None)
             m.__class__ = type(m).__bases__[1]
     return model
 

@@ -11,10 +11,10 @@ A program is a list of ops over named channels_last maps:
   blocks' pass-through branch).
 - :class:`HeadOp`: the average pool, then the FC when there is one.
 
-:func:`build_program` makes one from a run of layers in forward order (BasicConv2d,
-MaxPool2d, Inception blocks described by a :class:`BlockGraph`, AdaptiveAvgPool2d(1),
-Linear). The C++ backend runs it as one call (``Program`` in csrc/program.h, fed by
-:meth:`Program.encode`).
+:class:`ProgramBuilder` makes one from a run of layers in forward order (BasicConv2d,
+MaxPool2d, Inception blocks described by a :class:`BlockGraph`, the average pool, the FC).
+The C++ backend runs it as one call (``Program`` in csrc/program.h, fed by
+:meth:`Program.encode`); :class:`TritonProgram` runs the same ops as Triton launches.
 """
 
 from __future__ import annotations
@@ -28,7 +28,11 @@ import torch
 from torch import nn
 
 from .cpu import load_extension, winograd_transform
-from .folding import fold_conv_block, pack_weight
+from .folding import accumulator_dtype, fold_conv_block, pack_weight
+from .kernels.conv import launch_conv_relu, pooled_size
+from .kernels.head import launch_avg_pool_fc
+from .kernels.launch import empty_channels_last
+from .kernels.max_pool import launch_max_pool
 
 
 class Pool(enum.IntEnum):
@@ -154,6 +158,7 @@ class Program:
     ops: list[ConvOp | MaxPoolOp | HeadOp] = field(default_factory=list)
     affine: torch.Tensor | None = None  # [2, C_in]
     modules: tuple[nn.Module, ...] = ()  # whose tensors and hooks it depends on
+    result: int | None = None  # the map returned; None: the head's output
 
     def encode(
         self, dtype: torch.dtype, winograd: bool = True
@@ -302,7 +307,7 @@ class ProgramBuilder:
             for m in writes:
                 first.setdefault(m, i)
                 last[m] = max(last.get(m, i), i)
-        result = None if isinstance(prog.ops[-1], HeadOp) else self.current
+        result = prog.result = None if isinstance(prog.ops[-1], HeadOp) else self.current
         free_at: list[int] = []  # per slot: the op after which it is free
         for m in sorted(first, key=first.get):
             if m == result:
@@ -315,3 +320,73 @@ class ProgramBuilder:
             prog.maps[m].slot = slot
         prog.modules = tuple(self.modules)
         return prog
+
+
+# The Triton conv launcher's names for the pools a 1x1 conv takes while loading.
+TRITON_POOLS = {Pool.NONE: None, Pool.MAX: "max", Pool.AVG: "avg",
+                Pool.AVG_EXCLUDE_PAD: "avg_exclude"}  # fmt: skip
+
+
+@dataclass
+class TritonProgram:
+    """A program's ops as Triton launches (CUDA, or the interpreter on CPU): one per conv
+    branch into its channel slice, one per max pool, the head as one (features alone:
+    times an identity). Weights folded once for one dtype and device."""
+
+    program: Program
+    weights: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per conv op, per branch
+    transform: torch.Tensor | None  # [4, C_in]: 0, 1, scale, shift (conv_tile's rows)
+    head: tuple[torch.Tensor, torch.Tensor] | None  # FC weight [classes, C], bias
+
+    @classmethod
+    def build(cls, program: Program, dtype: torch.dtype, device: torch.device) -> TritonProgram:
+        acc = accumulator_dtype(dtype)
+        weights, head = [], None
+        with torch.no_grad():
+            for op in program.ops:
+                if isinstance(op, ConvOp):
+                    weights.append([tuple(t.to(device) for t in fold_conv_block(br, dtype)) for br in op.branches])
+                elif isinstance(op, MaxPoolOp) and op.stride != 2:
+                    raise ValueError("the Triton max pool takes stride 2 only")
+                elif isinstance(op, HeadOp):
+                    c = program.maps[op.src].channels
+                    fc = op.fc
+                    w = torch.eye(c) if fc is None else fc.weight.detach()
+                    b = torch.zeros(c) if fc is None else fc.bias.detach()
+                    head = (w.to(device, dtype), b.to(device, acc).contiguous())
+            transform = None
+            if program.affine is not None:
+                zeros_ones = torch.tensor([[0.0], [1.0]]).expand(2, program.affine.shape[1])
+                transform = torch.cat([zeros_ones, program.affine]).to(device, acc)
+        return cls(program, weights, transform, head)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        maps: dict[int, torch.Tensor] = {0: x}
+        conv_ops = iter(self.weights)
+        n = x.shape[0]
+        for op in self.program.ops:
+            if isinstance(op, HeadOp):
+                return launch_avg_pool_fc(maps[op.src], *self.head)
+            if isinstance(op, MaxPoolOp):
+                src = maps[op.src]
+                shape = (n, self.program.maps[op.dst].channels,
+                         *(pooled_size(s, op.kernel, 2, op.ceil_mode) for s in src.shape[2:]))  # fmt: skip
+                dst = maps.setdefault(op.dst, empty_channels_last(shape, src))
+                launch_max_pool(src, op.kernel, op.ceil_mode, out=dst, out_channel=op.dst_channel)
+                continue
+            for br, (w, b) in zip(op.branches, next(conv_ops), strict=True):
+                src = maps[br.src]
+                kh, kw, stride, ph, pw = br.geometry
+                h, wd = (
+                    (s + 2 * p - k) // stride + 1
+                    for s, p, k in zip(src.shape[2:], (ph, pw), (kh, kw), strict=True)
+                )
+                if h < 1 or wd < 1:
+                    raise ValueError(f"input {list(x.shape)} is too small for {br.conv}")
+                dst = maps.setdefault(br.dst, empty_channels_last((n, self.program.maps[br.dst].channels, h, wd), src))
+                launch_conv_relu(
+                    src, w, b, (kh, kw), stride, pool=TRITON_POOLS[br.pool],
+                    transform=self.transform if br.src == 0 else None, padding=(ph, pw),
+                    out=dst, out_channel=br.dst_channel,
+                )  # fmt: skip
+        return maps[self.program.result]

@@ -49,12 +49,12 @@ class Mutant(NamedTuple):
 
 
 MUTANTS = [
-    # --- the whole-network plan (inception_fused/network.py, csrc/network.cpp)
+    # --- the whole-network plan (inception_fused/network.py, csrc/program.cpp)
     Mutant(
         "network-plan-ignores-transform-input",
         "inception_fused/network.py",
-        "_transform_vectors(dtype)[2:] if model.transform_input else empty",
-        "_transform_vectors(dtype)[2:] if False else empty",
+        "    if model.transform_input:\n        affine = ",
+        "    if False:\n        affine = ",
         ("tests/test_network.py", "-k", "parity_aux_and_transform_input"),
     ),
     Mutant(
@@ -73,9 +73,9 @@ MUTANTS = [
     ),
     Mutant(
         "network-plan-reads-bgr",
-        "csrc/network.cpp",
-        "const T v = src[n * sn + ch * sc + h * sh + w * sw];",
-        "const T v = src[n * sn + (c_in_ - 1 - ch) * sc + h * sh + w * sw];",
+        "csrc/layers.cpp",
+        "const T v = src[n * sn + c * sc + h * sh + w * sw];",
+        "const T v = src[n * sn + (c_in - 1 - c) * sc + h * sh + w * sw];",
         ("tests/test_network.py", "-k", "parity_aux_and_transform_input"),
     ),
     # --- Triton kernels, one or more per family
@@ -83,7 +83,7 @@ MUTANTS = [
         "whole-network-flipped-spatial-taps",
         "inception_fused/kernels/conv_tile.py",
         "+ (tap * w_tap_rows + kk)[:, None] * w_s_k",
-        "+ ((KS * KS - 1 - tap) * w_tap_rows + kk)[:, None] * w_s_k",
+        "+ ((KH * KW - 1 - tap) * w_tap_rows + kk)[:, None] * w_s_k",
         ("tests/test_googlenet.py", "-k", "whole_network_through_triton"),
     ),
     Mutant(  # pointwise: the first reduce column never reaches the scratch
@@ -160,10 +160,17 @@ MUTANTS = [
     # --- the C++ backend (rebuilt in the scratch copy)
     Mutant(  # after the first C++ mutant's full build, one file's rebuild
         "csrc-pool-window-misses-right-column",
-        "csrc/pointwise.cpp",
-        "ww <= std::min(w + 1, s.width - 1);",
-        "ww <= std::min(w, s.width - 1);",
+        "csrc/conv.cpp",
+        "w1 = std::min(w + 2, s.width);",
+        "w1 = std::min(w + 1, s.width);",
         ("tests/test_cpu_backend.py",),
+    ),
+    Mutant(  # Inception-v3's pool branches: TensorFlow's average counts the padding
+        "csrc-avg-pool-counts-padding",
+        "csrc/conv.cpp",
+        "br.pool == Pool::kAvg ? T(9)",
+        "br.pool != Pool::kMax ? T(9)",
+        ("tests/test_inception_v3.py", "-k", "block_matches"),
     ),
 ]
 

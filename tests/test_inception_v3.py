@@ -305,3 +305,28 @@ def test_nonfinite_flows_as_in_the_reference():
     with torch.no_grad():
         expected, actual = ref(x), block(x)
     torch.testing.assert_close(actual, expected, equal_nan=True, atol=1e-10, rtol=1e-8)
+
+
+# --- the Triton backend (the interpreter here; CUDA where there is a GPU) -----------
+
+
+@pytest.mark.parametrize("cls,args", BLOCKS, ids=_block_id)
+def test_block_on_triton(cls, args):
+    block = make_block(cls, args)
+    ref = copy.deepcopy(block)
+    fuse_inception_v3(block, backend="triton")
+    x = torch.randn(2, args[0], 5, 7, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        with no_eager_convs():
+            actual = block(x)
+        assert_close(actual, ref(x), torch.float32)
+
+
+def test_torchvision_whole_network_on_triton():
+    model = torchvision_model(transform_input=True)
+    fused = fuse_inception_v3(copy.deepcopy(model), backend="triton")
+    x = torch.randn(1, 3, 75, 77, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        with no_eager_convs():
+            actual = fused(x)
+        assert_close(actual, model(x), torch.float32)

@@ -177,3 +177,86 @@ def launch_key(launch: Launch, target: GPUTarget = SM90) -> str:
             sorted((k, repr(v)) for k, v in options.items()),
         )
     )
+
+
+# Inception-v3's single-layer launches (299x299 image: maps of 147, 35, 17 and 8), one of
+# each kind the conv and max-pool kernels serve there: (name, C_in, C_out, side, (kh,
+# kw), stride, padding, pool, transform, destination channels C_total, first channel).
+# A None destination is a new tensor.
+INCEPTION_V3_CONVS = (
+    ("Conv2d_1a_3x3", 3, 32, 299, (3, 3), 2, 0, None, True, None),
+    ("Mixed_5b.branch_pool", 192, 32, 35, (1, 1), 1, 0, "avg", False, (256, 224)),
+    ("Mixed_5b.pool/fid", 192, 32, 35, (1, 1), 1, 0, "avg_exclude", False, (256, 224)),
+    ("Mixed_6a.branch3x3", 288, 384, 35, (3, 3), 2, 0, None, False, (768, 0)),
+    ("Mixed_6b.branch7x7_2", 128, 128, 17, (1, 7), 1, (0, 3), None, False, None),
+    ("Mixed_6b.branch7x7_3", 128, 192, 17, (7, 1), 1, (3, 0), None, False, (768, 192)),
+    ("Mixed_7b.branch3x3_2a", 384, 384, 8, (1, 3), 1, (0, 1), None, False, (2048, 320)),
+    ("Mixed_7b.branch3x3_2b", 384, 384, 8, (3, 1), 1, (1, 0), None, False, (2048, 704)),
+    ("Mixed_7c.pool/fid", 2048, 192, 8, (1, 1), 1, 0, "max", False, (2048, 1856)),
+)
+# Max pools, 3x3/2 floor mode: (name, C, side, destination as above).
+INCEPTION_V3_POOLS = (
+    ("maxpool1", 64, 147, None),
+    ("Mixed_6a.branch_pool", 288, 35, (768, 480)),
+)
+
+
+def inception_v3_layer_launches(
+    batch: int,
+    dtype: torch.dtype,
+    keys: list | None = None,
+    channels_last: bool = True,
+) -> dict[str, list[Launch]]:
+    """Eval launches of Inception-v3's layer kinds (INCEPTION_V3_CONVS and _POOLS) at
+    ``batch``, recorded on meta tensors as network_launches records GoogLeNet's."""
+    from ..folding import accumulator_dtype
+    from .conv import launch_conv_relu, pooled_size
+    from .max_pool import launch_max_pool
+
+    acc = accumulator_dtype(dtype)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+
+    def meta(*shape, dt=dtype, fmt=torch.contiguous_format):
+        return torch.empty(shape, device="meta", dtype=dt).contiguous(memory_format=fmt)
+
+    every = (
+        launching_every_candidate() if keys is not None else contextlib.nullcontext()
+    )
+    with every as seen, captured_launches() as launches:
+        for _, c_in, c_out, side, (
+            kh,
+            kw,
+        ), stride, pad, pool, transform, dest in INCEPTION_V3_CONVS:
+            ph, pw = (pad, pad) if isinstance(pad, int) else pad
+            h_out = (side + 2 * ph - kh) // stride + 1
+            w_out = (side + 2 * pw - kw) // stride + 1
+            out = None
+            if dest is not None:
+                out = meta(batch, dest[0], h_out, w_out, fmt=torch.channels_last)
+            launch_conv_relu(
+                meta(batch, c_in, side, side, fmt=layout),
+                meta(kh * kw * c_in, c_out),
+                meta(c_out, dt=acc),
+                (kh, kw),
+                stride,
+                pool,
+                meta(4, c_in, dt=acc) if transform else None,
+                padding=(ph, pw),
+                out=out,
+                out_channel=0 if dest is None else dest[1],
+            )
+        for _, c, side, dest in INCEPTION_V3_POOLS:
+            out = None
+            if dest is not None:
+                s = pooled_size(side, 3, ceil_mode=False)
+                out = meta(batch, dest[0], s, s, fmt=torch.channels_last)
+            launch_max_pool(
+                meta(batch, c, side, side, fmt=layout),
+                3,
+                ceil_mode=False,
+                out=out,
+                out_channel=0 if dest is None else dest[1],
+            )
+    if keys is not None:
+        keys.extend(seen)
+    return {"eval": launches}

@@ -1,12 +1,14 @@
 """The one piece of arithmetic every Inception kernel shares: an implicit-GEMM conv tile.
 
-A tile is BLOCK_M output pixels × BLOCK_N output channels. A KSxKS conv (padding KS // 2,
+A tile is BLOCK_M output pixels × BLOCK_N output channels. A KHxKW conv (padding PH, PW,
 stride STRIDE) over an NHWC-strided input is a GEMM whose K dimension runs over (tap, input
-channel); a 1x1 conv is the KS=1 case, and the pool projection is the KS=1 case with a 3x3
-max taken while the input tile is loaded (the block's 3x3/s1/p1, or GoogLeNet's stem's
-3x3/s2 ceil-mode pool before conv2), so the pooled tensor never exists in memory. The weight is read
-through strides: the forward passes its packed [KS*KS*C_in, C_out] matrix (C_in rows per
-tap, row stride C_out), the backward the same matrix flipped or transposed in place, so no
+channel); a 1x1 conv is the KH=KW=1 case, and the pool projection is the 1x1 case with a
+3x3 pool taken while the input tile is loaded (a 3x3/s1/p1 max as in GoogLeNet's block or
+Inception-v3's FID variant, a 3x3/s1/p1 average with or without the padding in its count
+as in Inception-v3's pool branches, or GoogLeNet's stem's 3x3/s2 ceil-mode max before
+conv2), so the pooled tensor never exists in memory. The weight is read through strides:
+the forward passes its packed [KH*KW*C_in, C_out] matrix (C_in rows per tap, taps row by
+row, row stride C_out), the backward the same matrix flipped or transposed in place, so no
 gradient step repacks a weight.
 
 Train mode adds two switches: a prologue that applies the producing layer's BN+ReLU to the
@@ -37,15 +39,18 @@ def conv_tile(
     w_ptr,
     w_tap_rows,
     w_s_k,
-    w_s_n,  # weight [KS*KS, C_in, n]: (tap * w_tap_rows + k) * w_s_k + n * w_s_n
+    w_s_n,  # weight [KH*KW, C_in, n]: (tap * w_tap_rows + k) * w_s_k + n * w_s_n
     cols,
     col_ok,
-    KS,  # odd kernel size, padding KS // 2; a runtime value so one grid serves 3x3 and 5x5
+    KH,
+    KW,  # kernel height and width: runtime values, so one grid serves 3x3 and 5x5
+    PH,
+    PW,  # zero padding above/below and left/right
     in_mean_ptr,
     in_invstd_ptr,
     in_gamma_ptr,
     in_beta_ptr,  # per input channel BN vectors, read only when IN_BN
-    POOL: tl.constexpr,  # take a 3x3 max of the input while loading it
+    POOL: tl.constexpr,  # "" or a 3x3 pool taken while loading: "max", "avg", "avg_exclude"
     IN_RELU: tl.constexpr,  # input is pre-activation: apply (BN +) ReLU while loading
     IN_BN: tl.constexpr,  # (x - mean) * invstd * gamma + beta while loading
     BLOCK_M: tl.constexpr,
@@ -58,21 +63,25 @@ def conv_tile(
     POOL_STRIDE: tl.constexpr,  # 1: 3x3/s1/p1 windows; 2: 3x3/s2, ceil mode, no pad
 ):
     acc = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
-    pad = KS // 2
     n64 = n.to(tl.int64) * stride_xn  # 64-bit: N*H*W*C may pass 2**31
-    for tap in range(KS * KS):
-        ih = oh * STRIDE + tap // KS - pad
-        iw = ow * STRIDE + tap % KS - pad
+    for tap in range(KH * KW):
+        ih = oh * STRIDE + tap // KW - PH
+        iw = ow * STRIDE + tap % KW - PW
         tap_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         pix = n64 + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
         for k0 in range(0, C_in, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             k_ok = kk < C_in
             chan = kk.to(tl.int64) * stride_xc
-            if POOL:
-                # Every window holds a real value (s1: its centre, the output pixel; s2 in
-                # ceil mode: its first tap), so the -inf padding never survives the max.
-                a = tl.full((BLOCK_M, BLOCK_K), float("-inf"), x_ptr.dtype.element_ty)
+            if POOL != "":
+                # 3x3 windows, stride POOL_STRIDE (1: padded by 1; 2: ceil mode, no
+                # padding). Every window holds a real value (s1: its centre, the output
+                # pixel; s2 in ceil mode: its first tap), so the max's -inf padding never
+                # survives; averages sum in ACC_DTYPE.
+                if POOL == "max":
+                    a = tl.full((BLOCK_M, BLOCK_K), float("-inf"), x_ptr.dtype.element_ty)
+                else:
+                    a = tl.zeros((BLOCK_M, BLOCK_K), ACC_DTYPE)
                 for dh in tl.static_range(3):
                     for dw in tl.static_range(3):
                         ph = oh * POOL_STRIDE + (dh - 2 + POOL_STRIDE)
@@ -83,13 +92,24 @@ def conv_tile(
                             + ph.to(tl.int64) * stride_xh
                             + pw.to(tl.int64) * stride_xw
                         )
-                        v = tl.load(
-                            x_ptr + p[:, None] + chan[None, :],
-                            mask=ok[:, None] & k_ok[None, :],
-                            other=float("-inf"),
-                        )
-                        a = tl.maximum(a, v, propagate_nan=tl.PropagateNan.ALL)
-                a = tl.where(row_ok[:, None] & k_ok[None, :], a, 0.0)
+                        mask = ok[:, None] & k_ok[None, :]
+                        if POOL == "max":
+                            v = tl.load(x_ptr + p[:, None] + chan[None, :], mask=mask,
+                                        other=float("-inf"))  # fmt: skip
+                            a = tl.maximum(a, v, propagate_nan=tl.PropagateNan.ALL)
+                        else:
+                            v = tl.load(x_ptr + p[:, None] + chan[None, :], mask=mask,
+                                        other=0.0)  # fmt: skip
+                            a += v.to(ACC_DTYPE)
+                if POOL == "max":
+                    a = tl.where(row_ok[:, None] & k_ok[None, :], a, 0.0)
+                elif POOL == "avg_exclude":  # the in-image taps (at least the centre)
+                    rows_in = tl.minimum(oh + 1, H - 1) - tl.maximum(oh - 1, 0) + 1
+                    cols_in = tl.minimum(ow + 1, W - 1) - tl.maximum(ow - 1, 0) + 1
+                    count = (rows_in * cols_in).to(ACC_DTYPE)
+                    a = div_rn(a, tl.broadcast_to(count[:, None], (BLOCK_M, BLOCK_K)))
+                else:  # count_include_pad: always nine
+                    a = div_rn(a, tl.full((BLOCK_M, BLOCK_K), 9.0, ACC_DTYPE))
                 a = a.to(x_ptr.dtype.element_ty)  # bf16 max/where come back as fp32
             else:
                 a = tl.load(
@@ -134,10 +154,12 @@ def stored_conv_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
-    """conv_tile of an input read as stored: no BN/ReLU prologue, so no BN vectors."""
+    """conv_tile of an input read as stored: no BN/ReLU prologue, so no BN vectors; a
+    KSxKS 'same' conv (padding KS // 2), stride 1; POOL as conv_tile's, s1 windows."""
     return conv_tile(
         x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, n, oh, ow, row_ok, H, W, C_in,
-        w_ptr, w_tap_rows, w_s_k, w_s_n, cols, col_ok, KS, w_ptr, w_ptr, w_ptr, w_ptr,
+        w_ptr, w_tap_rows, w_s_k, w_s_n, cols, col_ok, KS, KS, KS // 2, KS // 2, w_ptr,
+        w_ptr, w_ptr, w_ptr,
         POOL, False, False, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, INPUT_PRECISION, ACC_DTYPE,
         1, 1,
     )  # fmt: skip

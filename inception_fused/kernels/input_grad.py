@@ -103,7 +103,7 @@ def input_grad_kernel(
     s_n, s_c, s_h, s_w = nhwc_strides(H, W, GC)
     acc = stored_conv_tile(
         g_ptr, s_n, s_c, s_h, s_w, n, oh, ow, row_ok, H, W, K_STEM, stem_w_ptr, 0, 1,
-        STEM_W_STRIDE, cols, col_ok, 1, False, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT,
+        STEM_W_STRIDE, cols, col_ok, 1, "", BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT,
         INPUT_PRECISION, ACC_DTYPE,
     )  # fmt: skip
     # Pixel p sits at tap t of the window centred on q = p - (t // 3 - 1, t % 3 - 1); it
@@ -118,7 +118,7 @@ def input_grad_kernel(
         )  # fmt: skip
         dpooled = stored_conv_tile(
             dz_pool_ptr, s_n, s_c, s_h, s_w, n, qh, qw, q_ok, H, W, C_POOL, pool_w_ptr, 0,
-            1, C_POOL, cols, col_ok, 1, False, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT,
+            1, C_POOL, cols, col_ok, 1, "", BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT,
             INPUT_PRECISION, ACC_DTYPE,
         )  # fmt: skip
         acc += tl.where(best == t, dpooled, 0.0)

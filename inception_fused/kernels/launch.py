@@ -70,6 +70,44 @@ def empty_channels_last(shape: tuple[int, ...], like: torch.Tensor) -> torch.Ten
     )
 
 
+def channels_last_destination(
+    out: torch.Tensor | None,
+    channel: int,
+    shape: tuple[int, int, int, int],
+    like: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Where a launcher stores its [N, C, H, W] result: (the tensor it returns, the view
+    its kernel stores into from channel 0, that view's row stride).
+
+    Without ``out``, a new channels_last tensor. Else channels [channel, channel + C) of
+    ``out``: a channels_last [N, C_total, H, W] tensor of ``like``'s dtype and device (a
+    block's concatenated output), whose other channels are left as they are. Raises
+    ValueError naming what does not fit, before anything is launched."""
+    n, c, h, w = shape
+    if out is None:
+        if channel != 0:
+            raise ValueError(f"out_channel={channel} without an out tensor")
+        out = empty_channels_last(shape, like)
+        return out, out, c
+    if out.dim() != 4 or (out.shape[0], *out.shape[2:]) != (n, h, w):
+        raise ValueError(
+            f"out has shape {list(out.shape)}; expected [{n}, C_total, {h}, {w}]"
+        )
+    if not 0 <= channel <= out.shape[1] - c:
+        raise ValueError(
+            f"channels [{channel}, {channel + c}) do not fit in out's {out.shape[1]}"
+        )
+    if out.dtype != like.dtype:
+        raise ValueError(f"out has dtype {out.dtype}; expected {like.dtype}")
+    if out.device != like.device:
+        raise ValueError(f"out is on {out.device}; expected {like.device}")
+    if not out.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(
+            f"out (strides {out.stride()}) is not a dense channels_last tensor"
+        )
+    return out, out[:, channel:], out.shape[1]
+
+
 def aligned_rows(
     rows: int, cols: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:

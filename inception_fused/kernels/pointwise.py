@@ -73,7 +73,7 @@ def inception_pointwise_kernel(
         col_ok = cols < n_cols
         acc = stored_conv_tile(
             x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, n, oh, ow, row_ok, H, W,
-            C_in, stem_w_ptr, C_in, STEM_W_STRIDE, 1, cols, col_ok, 1, False, BLOCK_M,
+            C_in, stem_w_ptr, C_in, STEM_W_STRIDE, 1, cols, col_ok, 1, "", BLOCK_M,
             BLOCK_N, BLOCK_K, USE_DOT, INPUT_PRECISION, ACC_DTYPE,
         )  # fmt: skip
         # Columns [0, C1) are branch 1's output; [C1, C1 + C_RED) feed launch B. Their
@@ -120,7 +120,7 @@ def inception_pointwise_kernel(
         col_ok = cols < C_POOL
         acc = stored_conv_tile(
             x_ptr, stride_xn, stride_xc, stride_xh, stride_xw, n, oh, ow, row_ok, H, W,
-            C_in, pool_w_ptr, C_in, C_POOL, 1, cols, col_ok, 1, True, BLOCK_M, BLOCK_N,
+            C_in, pool_w_ptr, C_in, C_POOL, 1, cols, col_ok, 1, "max", BLOCK_M, BLOCK_N,
             BLOCK_K, USE_DOT, INPUT_PRECISION, ACC_DTYPE,
         )  # fmt: skip
         store_tile(

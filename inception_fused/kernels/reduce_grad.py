@@ -71,7 +71,7 @@ def reduce_grad_kernel(
     # A 'same' conv's data gradient is the 'same' conv of dz with the flipped kernel.
     acc = stored_conv_tile(
         tl.where(is3, dz3_ptr, dz5_ptr), s_n, s_c, s_h, s_w, n, oh, ow, row_ok, H, W,
-        c_in, w_ptr, -tap_size, 1, c_in, cols, col_ok, ks, False, BLOCK_M, BLOCK_N,
+        c_in, w_ptr, -tap_size, 1, c_in, cols, col_ok, ks, "", BLOCK_M, BLOCK_N,
         BLOCK_K, USE_DOT, INPUT_PRECISION, ACC_DTYPE,
     )  # fmt: skip
     red_cols = red0 + cols

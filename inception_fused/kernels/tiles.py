@@ -4,7 +4,8 @@ the table lacks, and on CUDA a tuner that times a few candidates at a shape's fi
 A launch is named by a :class:`TileKey`: the kernel (``pointwise`` stem tiles, ``pool``
 tiles, ``spatial``, ``reduce_grad``, ``input_grad``; the network's ``conv`` stem layers
 and ``head``), the mode, dtype and the GEMM's
-(M, N, K) with the kernel size. On the GPU, its tiles are the table's entry
+(M, N, K) with the kernel size (height and width where they differ: Inception-v3's 1x7,
+7x1, 1x3 and 3x1 convs). On the GPU, its tiles are the table's entry
 (``tile_table.json``: the rule's choice checked by ``benchmarks/sm90_report.py``, or the
 winner measured on a GPU by ``benchmarks/tune_tiles.py``), else the rule. The interpreter
 keeps the rule's one config (big tiles: it pays per program).
@@ -64,8 +65,9 @@ _DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 class TileKey(NamedTuple):
-    """One conv GEMM launch: [m, k] @ [k, n] per tap, ``ks`` x ``ks`` taps, with ``m``
-    rounded up to its bucket (:meth:`of` builds one from a launch's exact M)."""
+    """One conv GEMM launch: [m, k] @ [k, n] per tap, ``ks`` x ``ks`` taps (``ks`` x
+    ``kw`` where ``kw`` is set: a rectangular kernel), with ``m`` rounded up to its
+    bucket (:meth:`of` builds one from a launch's exact M)."""
 
     kernel: str
     mode: str  # "eval", "train" or "backward"
@@ -75,6 +77,7 @@ class TileKey(NamedTuple):
     k: int
     ks: int = 1
     ieee: bool = False  # fp32 with TF32 off: FMA dots, other tiles and timings
+    kw: int = 0  # a rectangular kernel's width (``ks`` its height); 0: square
 
     @classmethod
     def of(
@@ -86,16 +89,21 @@ class TileKey(NamedTuple):
         n: int,
         k: int,
         ks: int = 1,
+        kw: int | None = None,
     ) -> TileKey:
-        """The key of a launch with ``m`` rows, under torch's current fp32 precision."""
+        """The key of a launch with ``m`` rows, under torch's current fp32 precision;
+        ``kw``: the kernel's width where it is not ``ks``."""
         ieee = dtype == torch.float32 and input_precision(dtype) == "ieee"
-        return cls(kernel, mode, dtype, m_bucket(m), n, k, ks, ieee)
+        kw = 0 if kw is None or kw == ks else kw
+        return cls(kernel, mode, dtype, m_bucket(m), n, k, ks, ieee, kw)
 
     def as_json(self) -> dict:
-        """The table's key: ``ieee`` only where it is set."""
+        """The table's key: ``ieee`` and ``kw`` only where they are set."""
         fields = self._asdict() | {"dtype": DTYPE_NAMES[self.dtype]}
         if not self.ieee:
             del fields["ieee"]
+        if not self.kw:
+            del fields["kw"]
         return fields
 
     @classmethod
@@ -142,8 +150,12 @@ def _kernel_rule(key: TileKey, cfg: TileConfig, on_gpu: bool) -> TileConfig:
 def _fma_dot_tiles(key: TileKey, cfg: TileConfig) -> TileConfig:
     """fp32 with TF32 off: tl.dot runs on FMAs and holds its A and B fragments in
     registers, so the tensor-core tiles spill (sm90 report, grid ``fp32-ieee``)."""
-    if key.kernel == "conv":  # conv1's transform prologue: 64 columns spill 8-24 B
-        return dataclasses.replace(cfg, block_m=64, block_n=32)
+    if key.kernel == "conv":  # conv1's transform prologue: 64 columns spill 8-24 B;
+        # under Triton 3.6 Inception-v3's 3x3/2 convs spill 24 B at eight warps (the
+        # stem's, with its transform) and 8 B at four with a K step of 32 (Mixed_6a's)
+        return dataclasses.replace(
+            cfg, block_m=64, block_n=32, block_k=min(cfg.block_k, 16), num_warps=4
+        )
     if key.mode != "train":  # 128-row spatial and reduce_grad tiles spill 16-32 B
         return dataclasses.replace(cfg, block_m=64)
     # Train tiles keep their rows (one statistics partials matrix).
