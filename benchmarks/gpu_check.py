@@ -62,7 +62,7 @@ def steps(python: str) -> list[Step]:
         (
             "sm_90a report vs the live device",
             [python, f"{BENCH}/sm90_report.py", "--check", "--live", "--readme",
-             "README.md"],
+             "docs/gpu.md"],
             None,
         ),
         (

@@ -18,7 +18,7 @@ TMA: a software-pipelined main loop) and CTAs per SM.
     python benchmarks/sm90_report.py --check         # exit 1 naming failing rows
     python benchmarks/sm90_report.py --configs 3a --batches 32 --dtypes bf16 --check
     python benchmarks/sm90_report.py --configs inception_v3 --kernels conv_relu_kernel --check
-    python benchmarks/sm90_report.py --readme README.md
+    python benchmarks/sm90_report.py --readme docs/gpu.md
 
 ``--check`` fails a row on any spill, a tensor-core tl.dot kernel without HGMMA, a tl.dot
 conv main loop without asynchronous loads (the head's is a pooling loop: UNPIPELINED), or
