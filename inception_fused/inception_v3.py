@@ -207,7 +207,7 @@ class FusedLayer(nn.Module):
 
         def build():
             program = _layers_program(layers, c_in, affine)
-            if program is None:
+            if program is None or (backend == "triton" and not TritonProgram.runs(program)):
                 return None
             if backend == "triton":
                 forward = TritonProgram.build(program, x.dtype, x.device)

@@ -330,3 +330,13 @@ def test_torchvision_whole_network_on_triton():
         with no_eager_convs():
             actual = fused(x)
         assert_close(actual, model(x), torch.float32)
+
+
+def test_compile_fullgraph_runs_the_package_forward():
+    block = fuse_inception_v3(make_block(TV.InceptionE, (1280,)))
+    ref = copy.deepcopy(block)
+    unfuse_inception_v3(ref)
+    x = torch.randn(1, 1280, 5, 5)
+    compiled = torch.compile(block, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert_close(compiled(x), ref(x), torch.float32)
