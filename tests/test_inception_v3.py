@@ -340,3 +340,18 @@ def test_compile_fullgraph_runs_the_package_forward():
     compiled = torch.compile(block, backend="eager", fullgraph=True)
     with torch.no_grad():
         assert_close(compiled(x), ref(x), torch.float32)
+
+
+def test_pytorch_fid_pool_block_on_triton():
+    """pytorch-fid's last block (7a, 7b, 7c, average pool: features, no FC) as Triton
+    launches; the head multiplies by an identity."""
+    model = fid_model(output_blocks=[3], resize_input=False)
+    block = model.blocks[3]
+    fuse_inception_v3(model, backend="triton")
+    ref = unfuse_inception_v3(copy.deepcopy(model))
+    x = torch.randn(1, 768, 5, 5, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        with no_eager_convs():
+            actual = block(x)
+        assert actual.shape == (1, 2048, 1, 1)
+        assert_close(actual, ref.blocks[3](x), torch.float32)
