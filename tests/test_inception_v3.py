@@ -109,6 +109,17 @@ def no_eager_convs():
     return mock.patch.object(nn.Conv2d, "forward", boom)
 
 
+def fused_and_reference(model, x, **fuse_kwargs):
+    """(fused copy of model, its output, model's output) for x, no eager conv allowed in
+    the fused forward."""
+    fused = fuse_inception_v3(copy.deepcopy(model), **fuse_kwargs)
+    with torch.no_grad():
+        expected = model(x)
+        with no_eager_convs():
+            actual = fused(x)
+    return fused, actual, expected
+
+
 def make_block(cls, args, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     return randomise(cls(*args), seed).to(dtype)
@@ -156,13 +167,10 @@ def test_fid_pooling_is_told_apart():
 @pytest.mark.parametrize("transform_input", [False, True])
 def test_torchvision_whole_network(transform_input):
     model = torchvision_model(transform_input=transform_input)
-    fused = fuse_inception_v3(copy.deepcopy(model))
     x = torch.randn(2, 3, 75, 91, generator=torch.Generator().manual_seed(2))
+    fused, actual, expected = fused_and_reference(model, x)
     with torch.no_grad():
-        expected = model(x)
-        with no_eager_convs():
-            actual = fused(x)
-            other = fused(torch.randn_like(x))
+        other = fused(torch.randn_like(x))
     assert_close(actual, expected, torch.float32)
     assert (actual - other).abs().max() > 100 * 1e-4 * expected.abs().max()  # sees x
     # One program call runs it all: no Mixed block or stem conv runs its own.
@@ -183,12 +191,8 @@ def test_torchvision_channels_last_fp64_and_batch_edges():
 
 def test_pytorch_fid_every_output_block():
     model = fid_model(output_blocks=[0, 1, 2, 3], resize_input=False)
-    fused = fuse_inception_v3(copy.deepcopy(model))
     x = torch.rand(2, 3, 83, 79, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        expected = model(x)
-        with no_eager_convs():
-            actual = fused(x)
+    _, actual, expected = fused_and_reference(model, x)
     for a, e in zip(actual, expected, strict=True):
         assert a.shape == e.shape
         assert_close(a, e, torch.float32)
@@ -198,12 +202,8 @@ def test_torch_fidelity_features(tmp_path):
     features = ["64", "192", "768", "2048", "logits_unbiased"]
     model = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", features,
                                                  feature_extractor_weights_path=weights_file(tmp_path))  # fmt: skip
-    fused = fuse_inception_v3(copy.deepcopy(model))
     x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        expected = model(x)
-        with no_eager_convs():
-            actual = fused(x)
+    _, actual, expected = fused_and_reference(model, x)
     for a, e in zip(actual, expected, strict=True):
         assert_close(a, e, torch.float32)
 
@@ -324,12 +324,9 @@ def test_block_on_triton(cls, args):
 
 def test_torchvision_whole_network_on_triton():
     model = torchvision_model(transform_input=True)
-    fused = fuse_inception_v3(copy.deepcopy(model), backend="triton")
     x = torch.randn(1, 3, 75, 77, generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        with no_eager_convs():
-            actual = fused(x)
-        assert_close(actual, model(x), torch.float32)
+    _, actual, expected = fused_and_reference(model, x, backend="triton")
+    assert_close(actual, expected, torch.float32)
 
 
 def test_compile_fullgraph_runs_the_package_forward():
