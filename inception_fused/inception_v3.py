@@ -31,7 +31,7 @@ from torch import nn
 from .cpu import CPU_DTYPES, load_extension
 from .fold_cache import FoldCache, module_tensors
 from .kernels.launch import interpreting
-from .network import TRANSFORM_SCALE, TRANSFORM_SHIFT, _has_hooks
+from .network import TRANSFORM_AFFINE, _has_hooks
 from .program import (
     BlockGraph,
     HeadOp,
@@ -142,7 +142,6 @@ def _layers_program(layers: list[nn.Module], in_channels: int, affine=None):
             if type(m) is not nn.Linear or head.fc is not None:
                 return None
             head.fc = m
-            builder.modules.append(m)
         elif not _add_layer(builder, m):
             return None
     return builder.finish()
@@ -242,6 +241,7 @@ class FusedLayer(nn.Module):
         state.pop("_program_cache", None)
         return state
 
+
 def _in_channels(m: nn.Module) -> int:
     first = m.conv if hasattr(m, "conv") else next(
         c.conv for c in m.children() if hasattr(c, "conv")
@@ -254,17 +254,9 @@ class _FusedSequence(FusedLayer):
 
     def _layers(self):
         layers = list(self.children())
-        first = layers[0]
-        c_in = (
-            _in_channels(first) if not max_pool_ok(first) else _channels_before(self)
-        )
+        # A leading max pool keeps the channels: the first layer after it says how many.
+        c_in = next(_in_channels(m) for m in layers if not max_pool_ok(m))
         return layers, c_in, None
-
-
-def _channels_before(seq: nn.Module) -> int:
-    # A block that starts with a max pool reads what the previous block wrote: the
-    # channels of the first conv after the pool.
-    return next(_in_channels(m) for m in seq.children() if not max_pool_ok(m))
 
 
 class _FusedInception3(FusedLayer):
@@ -278,10 +270,7 @@ class _FusedInception3(FusedLayer):
             "Mixed_7c", "avgpool", "fc",
         ]  # fmt: skip
         layers = [getattr(self, n) for n in names]
-        affine = None
-        if self.transform_input:
-            affine = torch.tensor([TRANSFORM_SCALE, TRANSFORM_SHIFT], dtype=torch.float64)
-        return layers, 3, affine
+        return layers, 3, TRANSFORM_AFFINE if self.transform_input else None
 
     def _program(self, x: torch.Tensor):
         if type(self.dropout) is not nn.Dropout:

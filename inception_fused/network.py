@@ -61,6 +61,8 @@ POOL_AFTER = {"inception3b": "maxpool3", "inception4e": "maxpool4"}
 # normalisation the ported weights expect).
 TRANSFORM_SCALE = (0.229 / 0.5, 0.224 / 0.5, 0.225 / 0.5)
 TRANSFORM_SHIFT = ((0.485 - 0.5) / 0.5, (0.456 - 0.5) / 0.5, (0.406 - 0.5) / 0.5)
+# The same as a program's input affine: [2, 3] rows scale, shift.
+TRANSFORM_AFFINE = torch.tensor([TRANSFORM_SCALE, TRANSFORM_SHIFT], dtype=torch.float64)
 
 
 def _is_conv(block: nn.Module, kernel: int, stride: int, padding: int) -> bool:
@@ -231,9 +233,7 @@ def build_plan(
     ``folds``: the blocks' cached folds the plan's cache is keyed by (default: theirs)."""
     if folds is None:
         folds = blocks_folded(model, dtype)
-    affine = None
-    if model.transform_input:
-        affine = torch.tensor([TRANSFORM_SCALE, TRANSFORM_SHIFT], dtype=torch.float64)
+    affine = TRANSFORM_AFFINE if model.transform_input else None
     builder = ProgramBuilder(model.conv1.conv.in_channels, affine)
     builder.conv(model.conv1)
     builder.max_pool(model.maxpool1)

@@ -85,11 +85,6 @@ class Branch:
     conv: nn.Conv2d
     bn: nn.BatchNorm2d
     pool: Pool = Pool.NONE
-    weight: int = -1  # tensor indices, set by Program.encode
-    bias: int = -1
-    col_begin: int = 0
-    col_end: int = 0
-    winograd: int = -1
 
     @property
     def geometry(self) -> tuple[int, ...]:
@@ -136,16 +131,17 @@ def basic_conv_ok(m: nn.Module) -> bool:
     )
 
 
-def max_pool_ok(m: nn.Module) -> bool:
-    def pair(v: int | Sequence[int]) -> tuple[int, ...]:
-        return tuple(v) if isinstance(v, Sequence) else (v, v)
+def _pair(v: int | Sequence[int]) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, Sequence) else (v, v)
 
+
+def max_pool_ok(m: nn.Module) -> bool:
     return (
         type(m) is nn.MaxPool2d
-        and pair(m.kernel_size)[0] == pair(m.kernel_size)[1]
-        and pair(m.stride)[0] == pair(m.stride)[1]
-        and pair(m.padding) == (0, 0)
-        and pair(m.dilation) == (1, 1)
+        and _pair(m.kernel_size)[0] == _pair(m.kernel_size)[1]
+        and _pair(m.stride)[0] == _pair(m.stride)[1]
+        and _pair(m.padding) == (0, 0)
+        and _pair(m.dilation) == (1, 1)
         and not m.return_indices
     )
 
@@ -157,7 +153,6 @@ class Program:
     maps: list[Map]
     ops: list[ConvOp | MaxPoolOp | HeadOp] = field(default_factory=list)
     affine: torch.Tensor | None = None  # [2, C_in]
-    modules: tuple[nn.Module, ...] = ()  # whose tensors and hooks it depends on
     result: int | None = None  # the map returned; None: the head's output
 
     def encode(
@@ -189,38 +184,37 @@ class Program:
                     ints += [3, op.src, w, b]
                 else:
                     ints += [1, len(op.branches)]
-                    for br in _pack(op, dtype, add, ext if winograd else None):
-                        kh, kw, stride, ph, pw = br.geometry
-                        ints += [br.src, br.dst, br.dst_channel, kh, kw, stride, ph, pw,
-                                 int(br.pool), br.weight, br.bias, br.col_begin,
-                                 br.col_end, br.winograd]  # fmt: skip
+                    packed = _pack(op, dtype, add, ext if winograd else None)
+                    for br, tensor_fields in zip(op.branches, packed, strict=True):
+                        ints += [br.src, br.dst, br.dst_channel, *br.geometry,
+                                 int(br.pool), *tensor_fields]  # fmt: skip
         return tensors, ints
 
 
-def _pack(op: ConvOp, dtype: torch.dtype, add, ext) -> list[Branch]:
-    """Folds and packs an op's weights: 1x1 convs without a pool that read the same map
-    share one [C_in, sum of cols] matrix."""
-    groups: dict[int, list[Branch]] = {}
-    for br in op.branches:
+def _pack(op: ConvOp, dtype: torch.dtype, add, ext) -> list[tuple[int, ...]]:
+    """Folds and packs an op's weights; per branch (weight, bias, first column, end
+    column, Winograd weights or -1) as tensor indices. 1x1 convs without a pool that
+    read the same map share one [C_in, sum of cols] matrix."""
+    packed: dict[int, tuple[int, ...]] = {}
+    groups: dict[int, list[int]] = {}
+    for i, br in enumerate(op.branches):
         if br.geometry == (1, 1, 1, 0, 0) and br.pool == Pool.NONE:
-            groups.setdefault(br.src, []).append(br)
-        else:
-            w, b = fold_conv_block(br, dtype)
-            br.weight, br.bias = add(w), add(b)
-            br.col_begin, br.col_end = 0, w.shape[1]
-            u = None
-            if ext is not None and br.geometry[:3] == (3, 3, 1):
-                u = winograd_transform(ext, w, 3)
-            br.winograd = -1 if u is None else add(u)
+            groups.setdefault(br.src, []).append(i)
+            continue
+        w, b = fold_conv_block(br, dtype)
+        u = None
+        if ext is not None and br.geometry[:3] == (3, 3, 1):
+            u = winograd_transform(ext, w, 3)
+        packed[i] = (add(w), add(b), 0, w.shape[1], -1 if u is None else add(u))
     for group in groups.values():
-        folded = [fold_conv_block(br, dtype) for br in group]
+        folded = [fold_conv_block(op.branches[i], dtype) for i in group]
         weight = add(torch.cat([w for w, _ in folded], 1))
         bias = add(torch.cat([b for _, b in folded]))
         col = 0
-        for br, (w, _) in zip(group, folded, strict=True):
-            br.weight, br.bias, br.col_begin, br.col_end = weight, bias, col, col + w.shape[1]
+        for i, (w, _) in zip(group, folded, strict=True):
+            packed[i] = (weight, bias, col, col + w.shape[1], -1)
             col += w.shape[1]
-    return op.branches
+    return [packed[i] for i in range(len(op.branches))]
 
 
 class ProgramBuilder:
@@ -229,7 +223,6 @@ class ProgramBuilder:
     def __init__(self, in_channels: int, affine: torch.Tensor | None = None) -> None:
         self.program = Program([Map(in_channels)], affine=affine)
         self.current = 0  # the map the next layer reads
-        self.modules: list[nn.Module] = []
 
     def _map(self, channels: int) -> int:
         self.program.maps.append(Map(channels))
@@ -241,23 +234,19 @@ class ProgramBuilder:
         return branch
 
     def conv(self, m: nn.Module) -> None:
-        self.modules.append(m)
         dst = self._map(m.conv.out_channels)
         self.program.ops.append(ConvOp([self._read(self.current, Branch(self.current, dst, 0, m.conv, m.bn))]))
         self.current = dst
 
     def max_pool(self, m: nn.MaxPool2d) -> None:
-        self.modules.append(m)
-        k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
-        s = m.stride if isinstance(m.stride, int) else m.stride[0]
         dst = self._map(self.program.maps[self.current].channels)
-        self.program.ops.append(MaxPoolOp(self.current, dst, 0, k, s, m.ceil_mode))
+        kernel, stride = _pair(m.kernel_size)[0], _pair(m.stride)[0]
+        self.program.ops.append(MaxPoolOp(self.current, dst, 0, kernel, stride, m.ceil_mode))
         self.current = dst
 
     def block(self, m: nn.Module, graph: BlockGraph, pool: Pool) -> None:
         """The block's convs grouped by depth: every branch that reads x (the 1x1s, the
         pool branch, a stride-2 3x3) in one op, then each next depth in one op."""
-        self.modules.append(m)
         x = self.current
         c_in = self.program.maps[x].channels
         edges = graph.edges()
@@ -265,7 +254,7 @@ class ProgramBuilder:
         widths = [convs[name].conv.out_channels for name in graph.outputs()]
         c_out = sum(widths) + (c_in if graph.pass_through else 0)
         out = self._map(c_out)
-        offsets = dict(zip(graph.outputs(), [sum(widths[:i]) for i in range(len(widths))], strict=True))
+        offsets = dict(zip(graph.outputs(), itertools.accumulate([0, *widths]), strict=False))
         depth: dict[str, int] = {"x": -1, "pool": -1}
         where: dict[str, int] = {"x": x, "pool": x}
         steps: list[list[Branch]] = []
@@ -288,8 +277,6 @@ class ProgramBuilder:
 
     def head(self, fc: nn.Linear | None) -> None:
         self.program.ops.append(HeadOp(self.current, fc))
-        if fc is not None:
-            self.modules.append(fc)
 
     def finish(self) -> Program:
         """Slots by liveness: a map's buffer is free for a later map once the last op
@@ -318,7 +305,6 @@ class ProgramBuilder:
                 free_at.append(0)
             free_at[slot] = last[m]
             prog.maps[m].slot = slot
-        prog.modules = tuple(self.modules)
         return prog
 
 

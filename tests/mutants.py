@@ -53,8 +53,8 @@ MUTANTS = [
     Mutant(
         "network-plan-ignores-transform-input",
         "inception_fused/network.py",
-        "    if model.transform_input:\n        affine = ",
-        "    if False:\n        affine = ",
+        "affine = TRANSFORM_AFFINE if model.transform_input else None",
+        "affine = TRANSFORM_AFFINE if False else None",
         ("tests/test_network.py", "-k", "parity_aux_and_transform_input"),
     ),
     Mutant(
