@@ -11,6 +11,7 @@ from .folding import FoldedInception
 from .kernels.launch import aligned_rows, empty_channels_last, kernel_layout, on_device
 from .kernels.pointwise import launch_pointwise
 from .kernels.spatial import launch_spatial
+from .kernels.workspace import release
 
 
 class LaunchPlan(NamedTuple):
@@ -74,4 +75,5 @@ def inception_eval_forward(x: torch.Tensor, f: FoldedInception) -> torch.Tensor:
             f.k5,
             f.c1,
         )
+    release(scratch)
     return out

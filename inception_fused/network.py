@@ -1,4 +1,4 @@
-"""The whole GoogLeNet eval forward as a network plan: one C++ call, or 34 Triton launches.
+"""The whole GoogLeNet eval forward as a network plan: one C++ call, or 25 Triton launches.
 
 The plan is the same on both backends: every conv's BatchNorm folded into its weights and
 bias, the Inception blocks' folds taken from the blocks themselves
@@ -10,8 +10,9 @@ written once, and the head (average pool, eval dropout = identity, FC) in one st
 weights packed for its GEMM micro-kernel, Winograd transforms for the 3x3 convs,
 activation buffers held between calls); :func:`build_triton_plan` to the Triton kernels (kernels/conv.py, max_pool.py,
 head.py and the blocks' own): conv1, conv2 with its pool, conv3, maxpool2, nine blocks of
-three launches (stem tiles, pool tiles, 3x3/5x5 tiles), maxpool3, maxpool4 and the head
-make 34 launches, with no host synchronisation.
+two launches (stem and pool tiles, then 3x3/5x5 tiles; three above MERGED_ROWS pixels),
+maxpool3, maxpool4 and the head make 25 launches at batch 1, with no host
+synchronisation and, after the first forward of a shape, no allocation but the logits.
 
 :class:`FusedGoogLeNet` is what :func:`~inception_fused.fuse_googlenet` turns a
 torchvision ``GoogLeNet`` into: same modules, parameters and state dict, whose forward
@@ -24,7 +25,7 @@ backend for CUDA tensors or the interpreter) and torchvision's forward otherwise
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from .kernels.conv import launch_conv_relu, pooled_size
 from .kernels.head import launch_avg_pool_fc
 from .kernels.launch import interpreting, on_device
 from .kernels.max_pool import launch_max_pool
+from .kernels.workspace import Workspace, release
 from .module import FusedInceptionModule
 from .program import BlockGraph, Pool, ProgramBuilder
 
@@ -161,9 +163,14 @@ class NetworkPlan:
         return self.cpp.forward(x)
 
 
+# Workspaces a plan keeps: one per input (shape, strides, dtype, device, stream).
+WORKSPACES = 4
+
+
 @dataclass
 class TritonPlan:
-    """The plan's tensors for the Triton kernels, and its forward as 34 launches."""
+    """The plan's tensors for the Triton kernels, and its forward as launches (25 at
+    batch 1) into maps kept between calls (kernels/workspace.py)."""
 
     dtype: torch.dtype
     transform: torch.Tensor | None  # [4, 3]: 0, 1, scale, shift per image channel
@@ -171,21 +178,38 @@ class TritonPlan:
     folds: tuple[FoldedInception, ...]
     fc: tuple[torch.Tensor, torch.Tensor]  # weight [classes, C], bias
     modules: tuple[nn.Module, ...]
+    workspaces: dict[tuple, Workspace] = field(default_factory=dict)  # oldest first
 
     def has_hooks(self) -> bool:
         return _has_hooks(self.modules)
 
+    def workspace(self, x: torch.Tensor) -> Workspace:
+        """The maps of a forward on inputs like ``x``. A stream has its own: two
+        streams' forwards may run at once."""
+        stream = torch.cuda.current_stream(x.device).stream_id if x.is_cuda else 0
+        key = (x.shape, x.stride(), x.dtype, x.device, stream)
+        found = self.workspaces[key] = self.workspaces.pop(key, None) or Workspace()
+        if len(self.workspaces) > WORKSPACES:
+            del self.workspaces[next(iter(self.workspaces))]
+        return found
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         (w1, b1), (w2, b2), (w3, b3) = self.stem
-        with on_device(x):
-            x = launch_conv_relu(x, w1, b1, 7, stride=2, transform=self.transform)
-            x = launch_conv_relu(x, w2, b2, 1, pool="max_s2")  # maxpool1 as it loads
-            x = launch_max_pool(launch_conv_relu(x, w3, b3, 3), 3)
+
+        def then(done: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+            release(done)  # read by the launch that made result: free for later maps
+            return result
+
+        with on_device(x), self.workspace(x):
+            y = launch_conv_relu(x, w1, b1, 7, stride=2, transform=self.transform)
+            y = then(y, launch_conv_relu(y, w2, b2, 1, pool="max_s2"))  # + maxpool1
+            y = then(y, launch_conv_relu(y, w3, b3, 3))
+            y = then(y, launch_max_pool(y, 3))
             for f, (_, pool) in zip(self.folds, BLOCKS, strict=True):
-                x = inception_eval_forward(x, f)
+                y = then(y, inception_eval_forward(y, f))
                 if pool:
-                    x = launch_max_pool(x, pool)
-            return launch_avg_pool_fc(x, *self.fc)
+                    y = then(y, launch_max_pool(y, pool))
+        return launch_avg_pool_fc(y, *self.fc)  # the logits: the caller's to keep
 
 
 def _transform_vectors(dtype: torch.dtype) -> torch.Tensor:

@@ -360,7 +360,9 @@ class TritonProgram:
                 src = maps[op.src]
                 shape = (n, self.program.maps[op.dst].channels,
                          *(pooled_size(s, op.kernel, 2, op.ceil_mode) for s in src.shape[2:]))  # fmt: skip
-                dst = maps.setdefault(op.dst, empty_channels_last(shape, src))
+                if op.dst not in maps:
+                    maps[op.dst] = empty_channels_last(shape, src)
+                dst = maps[op.dst]
                 launch_max_pool(src, op.kernel, op.ceil_mode, out=dst, out_channel=op.dst_channel)
                 continue
             for br, (w, b) in zip(op.branches, next(conv_ops), strict=True):
@@ -372,7 +374,9 @@ class TritonProgram:
                 )
                 if h < 1 or wd < 1:
                     raise ValueError(f"input {list(x.shape)} is too small for {br.conv}")
-                dst = maps.setdefault(br.dst, empty_channels_last((n, self.program.maps[br.dst].channels, h, wd), src))
+                if br.dst not in maps:  # a block output: its first branch allocates it
+                    maps[br.dst] = empty_channels_last((n, self.program.maps[br.dst].channels, h, wd), src)
+                dst = maps[br.dst]
                 launch_conv_relu(
                     src, w, b, (kh, kw), stride, pool=TRITON_POOLS[br.pool],
                     transform=self.transform if br.src == 0 else None, padding=(ph, pw),

@@ -14,6 +14,7 @@ from conftest import (
 
 from inception_fused import FusedInceptionModule
 from inception_fused.configs import GOOGLENET_CONFIGS
+from inception_fused.kernels import pointwise
 
 # Real feature-map sizes on the GPU; small ones through the interpreter.
 BATCH = 4 if ON_GPU else 2
@@ -83,8 +84,12 @@ def test_tf32_when_torch_allows_it(monkeypatch):
     ids=lambda s: "x".join(map(str, s)),
 )
 @pytest.mark.parametrize("branch3_kernel", [3, 5])
-def test_odd_shapes(shape, branch3_kernel):
-    # Channel counts deliberately not multiples of 16: every mask path is exercised.
+@pytest.mark.parametrize("launches", ["merged", "split"])
+def test_odd_shapes(shape, branch3_kernel, launches, monkeypatch):
+    """Channel counts deliberately not multiples of 16: every mask path is exercised,
+    with the stem and pool tiles in one launch (small M) and in two."""
+    if launches == "split":
+        monkeypatch.setattr(pointwise, "MERGED_ROWS", 0)
     fused, ref = fused_and_reference(
         (37, 5, 7, 11, 3, 9, 6), branch3_kernel=branch3_kernel
     )

@@ -322,7 +322,10 @@ def test_every_candidate_computes_the_same_on_the_gpu(monkeypatch, dtype):
 
     outputs()  # tunes every key
     tune_keys = list(tiles._tuned)
-    assert {key.kernel for _, _, key in tune_keys} == set(tiles.KERNELS)
+    # The merged stem and pool launch is batch 1's: too small to time (TINY_GEMM).
+    assert {key.kernel for _, _, key in tune_keys} == set(tiles.KERNELS) - {
+        "pointwise_pool"
+    }
     for tune_key in tune_keys:
         monkeypatch.setitem(tiles._tuned, tune_key, tiles.choice(tune_key[2], True))
     expected = outputs()

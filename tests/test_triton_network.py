@@ -21,6 +21,7 @@ from torch import nn
 from inception_fused import fuse_googlenet
 from inception_fused.kernels.aot import captured_launches
 from inception_fused.kernels.conv import pooled_size
+from inception_fused.kernels.workspace import Workspace, empty, release
 from inception_fused.network import (
     BLOCKS,
     TritonPlan,
@@ -87,6 +88,11 @@ def test_eval_matches_torchvision_through_the_plan(case):
         assert_sees_input(ref, x, *TOLERANCES[dtype])
         with eager_layers_refused():
             got = fused(x)
+        if case == "nchw":  # a second forward reuses the first's maps (the workspace)
+            flipped = x.flip(3)
+            expected_flipped = ref(flipped)
+            with eager_layers_refused():
+                assert_close(fused(flipped), expected_flipped)
     assert isinstance(fused._network_plan, TritonPlan)
     assert_close(got, expected)
 
@@ -113,24 +119,94 @@ def test_edits_are_seen_by_the_next_eval():
     assert_close(got / expected.abs().max(), expected / expected.abs().max())
 
 
-def test_launches_of_a_whole_forward_at_batch_1():
-    """Recorded as a GPU would run it (meta tensors): conv1, conv2 (maxpool1 taken while
-    it loads), conv3, maxpool2-4, three launches per block (stem tiles, pool tiles, 3x3
-    and 5x5 tiles) and the head: 34, not yet the 25 a CUDA graph's issue asks for."""
+def meta_plan() -> TritonPlan:
     model = googlenet_that_sees_input(transform_input=True)
     fused = fuse_googlenet(model, backend="triton").to("meta")
-    plan = build_triton_plan(fused, torch.float32, blocks_folded(fused, torch.float32))
-    x = torch.empty(1, 3, 224, 224, device="meta")
+    return build_triton_plan(fused, torch.float32, blocks_folded(fused, torch.float32))
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+def test_launches_of_a_whole_forward(batch):
+    """Recorded as a GPU would run it (meta tensors): conv1, conv2 (maxpool1 taken while
+    it loads), conv3, maxpool2-4, per block the stem and pool tiles (one launch at batch
+    1; two at batch 32, where 5b's M = 32 * 7 * 7 > MERGED_ROWS) and the 3x3/5x5 tiles,
+    and the head: 25 launches at batch 1."""
+    x = torch.empty(batch, 3, 224, 224, device="meta")
     with captured_launches() as launches:
-        logits = plan(x)
+        logits = meta_plan()(x)
     names = [launch.name for launch in launches]
     assert names[:4] == ["conv_relu_kernel"] * 3 + ["max_pool_kernel"]
-    block = ["inception_pointwise_kernel"] * 2 + ["inception_spatial_kernel"]
-    pools = [["max_pool_kernel"] if pool else [] for _, pool in BLOCKS]
-    assert names[4:-1] == [name for after in pools for name in (*block, *after)]
+    tiles = ["both"] if batch == 1 else ["stem", "pool"]
+    block = [
+        *(("inception_pointwise_kernel", t) for t in tiles),
+        ("inception_spatial_kernel", None),
+    ]
+    pools = [[("max_pool_kernel", None)] if pool else [] for _, pool in BLOCKS]
+    got = [(launch.name, launch.kwargs.get("TILES")) for launch in launches[4:-1]]
+    assert got == [launch for after in pools for launch in (*block, *after)]
     assert names[-1] == "avg_pool_fc_kernel"
-    assert len(names) == 34
-    assert logits.shape == (1, 10)
+    assert len(names) == (25 if batch == 1 else 34)
+    assert logits.shape == (batch, 10)
+
+
+def test_a_second_forward_allocates_only_the_logits():
+    """The maps live in the plan's workspace: the first forward allocates them (a map
+    whose last reader has launched lends its memory to a later one), the next allocates
+    nothing but the logits it returns; a new input shape gets its own workspace."""
+    plan = meta_plan()
+    x = torch.empty(8, 3, 224, 224, device="meta")
+    allocations, maps = [], []
+    empty, take = torch.empty, Workspace.take
+
+    def counting_empty(*args, **kwargs):
+        allocations.append(args)
+        return empty(*args, **kwargs)
+
+    def counting_take(self, nbytes, device):
+        maps.append(nbytes)
+        return take(self, nbytes, device)
+
+    with captured_launches(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "empty", counting_empty)
+        mp.setattr(Workspace, "take", counting_take)
+        plan(x)
+        first = len(allocations)
+        (workspace,) = plan.workspaces.values()
+        assert workspace.nbytes() < sum(maps) / 2
+        plan(x)
+        assert len(allocations) - first == 1  # the logits
+        plan(x[:1])
+    assert len(plan.workspaces) == 2
+
+
+def test_a_workspace_replays_its_first_run():
+    """A released map lends its buffer to the next that fits; later runs get the same
+    memory back in the same order, and a changed sequence is refused."""
+    workspace = Workspace()
+
+    def run(shapes):
+        with workspace:
+            maps = [empty(s, torch.float32, "cpu", len(s) == 4) for s in shapes]
+        return [m.untyped_storage().data_ptr() for m in maps], maps
+
+    shapes = [(2, 3, 4, 5), (2, 8, 4, 5), (1, 7)]
+    with workspace:
+        a = empty(shapes[0], torch.float32, "cpu", True)
+        b = empty(shapes[1], torch.float32, "cpu", True)
+        release(a)
+        c = empty(shapes[2], torch.float32, "cpu", False)
+    assert a.is_contiguous(memory_format=torch.channels_last)
+    assert c.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+    assert workspace.nbytes() == 4 * (120 + 320)
+    ptrs, maps = run(shapes)
+    assert ptrs == [t.untyped_storage().data_ptr() for t in (a, b, c)]
+    assert [tuple(m.shape) for m in maps] == shapes
+    with pytest.raises(RuntimeError, match="differs"):
+        run([(2, 3, 4, 5), (2, 9, 4, 5)])
+    assert workspace.nbytes() == 0  # a run that raised: the next records afresh
+    run(shapes)
+    with pytest.raises(RuntimeError, match="more maps"):
+        run([*shapes, (1,)])
 
 
 def test_pooled_size_is_max_pool2ds():

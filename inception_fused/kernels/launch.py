@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import workspace
+
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -58,16 +60,15 @@ def kernel_layout(x: torch.Tensor) -> torch.Tensor:
     report); the copy costs one read and one write of x. The interpreter reads any
     strides as they are."""
     if compiled_for_gpu(x) and x.stride(1) != 1 and x.shape[1] > 1:
-        return x.contiguous(memory_format=torch.channels_last)
+        return empty_channels_last(x.shape, x).copy_(x)
     return x
 
 
 def empty_channels_last(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised [N, C, H, W] channels_last tensor of ``like``'s dtype and device:
-    every launcher's output, an [N*H*W, C] row-major matrix the kernels store into."""
-    return torch.empty(
-        shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last
-    )
+    """An uninitialised [N, C, H, W] channels_last tensor of ``like``'s dtype and device
+    (from the active workspace, if any): every launcher's output, an [N*H*W, C] row-major
+    matrix the kernels store into."""
+    return workspace.empty(shape, like.dtype, like.device, channels_last=True)
 
 
 def channels_last_destination(
@@ -111,12 +112,12 @@ def channels_last_destination(
 def aligned_rows(
     rows: int, cols: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """An uninitialised [rows, cols] matrix whose row stride is a multiple of 16 elements:
-    Triton then knows every row's start is 16-byte aligned and loads rows with vector,
-    asynchronous copies (a row stride like 4b's 296 or 136 gives scalar loads)."""
-    return torch.empty((rows, ceil_div(cols, 16) * 16), dtype=dtype, device=device)[
-        :, :cols
-    ]
+    """An uninitialised [rows, cols] matrix whose row stride is a multiple of 16 elements
+    (from the active workspace, if any): Triton then knows every row's start is 16-byte
+    aligned and loads rows with vector, asynchronous copies (a row stride like 4b's 296
+    or 136 gives scalar loads)."""
+    padded = workspace.empty((rows, ceil_div(cols, 16) * 16), dtype, device, False)
+    return padded[:, :cols]
 
 
 def nchw_strides(t: torch.Tensor) -> tuple[int, int, int, int]:

@@ -2,7 +2,7 @@
 the table lacks, and on CUDA a tuner that times a few candidates at a shape's first use.
 
 A launch is named by a :class:`TileKey`: the kernel (``pointwise`` stem tiles, ``pool``
-tiles, ``spatial``, ``reduce_grad``, ``input_grad``; the network's ``conv`` stem layers
+tiles, both in one launch ``pointwise_pool``, ``spatial``, ``reduce_grad``, ``input_grad``; the network's ``conv`` stem layers
 and ``head``), the mode, dtype and the GEMM's
 (M, N, K) with the kernel size (height and width where they differ: Inception-v3's 1x7,
 7x1, 1x3 and 3x1 convs). On the GPU, its tiles are the table's entry
@@ -51,7 +51,10 @@ from .launch import (
 )
 
 TABLE_PATH = Path(__file__).with_name("tile_table.json")
-KERNELS = ("pointwise", "pool", "spatial", "reduce_grad", "input_grad", "conv", "head")
+KERNELS = (
+    "pointwise", "pool", "pointwise_pool", "spatial", "reduce_grad", "input_grad", "conv",
+    "head",
+)  # fmt: skip
 # 128-wide N tiles (16-bit types) are offered to the eval stem tiles only: at 128x128 the
 # spatial kernel spills (its branch selects and tap loop hold more addresses), and so do
 # the train stem tiles and reduce_grad under Triton 3.6 (statistics / BN epilogues).
@@ -128,7 +131,7 @@ def rule(key: TileKey, on_gpu: bool) -> TileConfig:
 def _kernel_rule(key: TileKey, cfg: TileConfig, on_gpu: bool) -> TileConfig:
     if key.kernel == "conv" and cfg.use_dot:  # conv1 reads 3 channels per tap
         return dataclasses.replace(cfg, block_k=pow2_clamp(key.k, 16, cfg.block_k))
-    if key.kernel == "pool":
+    if key.kernel in ("pool", "pointwise_pool"):  # the merged launch: the pool's tiles
         return pool_tile_config(cfg, on_gpu)
     if key.kernel == "spatial" and key.mode == "train" and on_gpu and cfg.use_dot:
         # The BN+ReLU prologue holds the reduce layers' vectors too: at four warps the
