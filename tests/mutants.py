@@ -93,6 +93,20 @@ MUTANTS = [
         "col_ok & (cols > C1),",
         ("tests/test_eval_forward.py",),
     ),
+    Mutant(  # pointwise: a merged launch's pool tiles skip the pool's first columns
+        "pointwise-merged-pool-columns-shifted",
+        "inception_fused/kernels/pointwise.py",
+        "pid_m, pid_n - stem_col_tiles, rows",
+        "pid_m, pid_n, rows",
+        ("tests/test_eval_forward.py", "-k", "odd_shapes and merged"),
+    ),
+    Mutant(  # the Triton plan frees a map before the launch that reads it has run
+        "network-workspace-frees-live-map",
+        "inception_fused/network.py",
+        "release(done)  # read by",
+        "release(result)  # read by",
+        ("tests/test_triton_network.py", "-k", "nchw"),
+    ),
     Mutant(  # the interpreter's max propagates NaN anyway: only the PTX check sees it
         "pool-max-drops-nan-in-ptx",
         "inception_fused/kernels/conv_tile.py",
