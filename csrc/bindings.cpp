@@ -52,7 +52,7 @@ at::Tensor eval_forward(const at::Tensor& x_in, const at::Tensor& stem_w,
         std::tuple{&winograd_w5, &w5, k5, "winograd_w5"}}) {
     if (!u->has_value()) continue;
     check_weight(**u, name, x_in, 2);
-    TORCH_CHECK(k == 3 && (*u)->size(0) == 16 * w->size(0) / 9 &&
+    TORCH_CHECK(k == 3 && winograd_tile_of((*u)->size(0), w->size(0) / 9) > 0 &&
                     (*u)->size(1) == w->size(1),
                 "inception_fused CPU backend: ", name,
                 " must be winograd_weights() of a 3x3 branch's weights");
@@ -77,11 +77,15 @@ at::Tensor eval_forward(const at::Tensor& x_in, const at::Tensor& stem_w,
     const auto ptr = [](const std::optional<at::Tensor>& t) {
       return t.has_value() ? t->data_ptr<T>() : nullptr;
     };
+    const auto tile = [](const std::optional<at::Tensor>& u, const at::Tensor& w) {
+      return u.has_value() ? winograd_tile_of(u->size(0), w.size(0) / 9) : 1;
+    };
     const InceptionBlock<T> block{
         c_in, c1, r3, r5, c3, c5, c_pool, k3, k5,
         stem_w.data_ptr<T>(), stem_b.data_ptr<T>(), pool_w.data_ptr<T>(),
         pool_b.data_ptr<T>(), w3.data_ptr<T>(), b3.data_ptr<T>(), w5.data_ptr<T>(),
-        b5.data_ptr<T>(), ptr(winograd_w3), ptr(winograd_w5)};
+        b5.data_ptr<T>(), ptr(winograd_w3), ptr(winograd_w5), tile(winograd_w3, w3),
+        tile(winograd_w5, w5)};
     out = at::empty({shape.batch, block.c_out(), shape.height, shape.width},
                     x.options().memory_format(at::MemoryFormat::ChannelsLast));
     const at::Tensor red3 = at::empty({block.map3(shape)}, x.options());
@@ -94,16 +98,17 @@ at::Tensor eval_forward(const at::Tensor& x_in, const at::Tensor& stem_w,
 
 }  // namespace
 
-at::Tensor winograd_weights_tensor(const at::Tensor& w) {
+at::Tensor winograd_weights_tensor(const at::Tensor& w, int64_t m) {
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous() &&
                   w.size(0) % 9 == 0 &&
                   (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble),
               "winograd_weights: expected packed 3x3 weights [9 * C, cols], contiguous "
               "float32/float64 on CPU, got ", w.sizes(), " ", w.scalar_type());
+  TORCH_CHECK(m == 2 || m == 4, "winograd_weights: m must be 2 or 4, got ", m);
   const int64_t c_in = w.size(0) / 9;
-  at::Tensor u = at::empty({16 * c_in, w.size(1)}, w.options());
+  at::Tensor u = at::empty({(m + 2) * (m + 2) * c_in, w.size(1)}, w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "inception_fused_winograd_weights", [&] {
-    winograd_weights<scalar_t>(w.data_ptr<scalar_t>(), c_in, w.size(1),
+    winograd_weights<scalar_t>(w.data_ptr<scalar_t>(), c_in, w.size(1), m,
                                u.data_ptr<scalar_t>());
   });
   return u;
@@ -155,7 +160,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vector_bits", [] { return 8 * inception_cpu::kVectorBytes; },
         "This build's SIMD vector width in bits");
   m.def("winograd_weights", &inception_cpu::winograd_weights_tensor,
-        "Winograd F(2x2, 3x3) transform G g G^T of packed 3x3 weights [9 C, cols] -> "
-        "[16 C, cols] (row = xi * C + c)",
-        pybind11::arg("w"), pybind11::call_guard<pybind11::gil_scoped_release>());
+        "Winograd F(m x m, 3x3) transform G g G^T of packed 3x3 weights [9 C, cols] -> "
+        "[(m + 2)^2 C, cols] (row = xi * C + c), m = 2 or 4",
+        pybind11::arg("w"), pybind11::arg("m"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }

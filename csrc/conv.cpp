@@ -104,10 +104,14 @@ void conv_step(const ConvBranch<T>* branches, int64_t count) {
       tasks.push_back({br, first, j, std::min(cols, j + step)});
   };
   const ConvBranch<T>* end = branches + count;
-  int64_t pixels = 0, pool_channels = 0, winograd_channels = 0;
+  int64_t pixels = 0, pool_channels = 0, winograd_size = 0;
   for (const ConvBranch<T>* br = branches; br != end; ++br) {
-    if (br->winograd) winograd_channels = std::max(winograd_channels, br->input.channels);
-    else pixels = std::max(pixels, br->out_shape.pixels());
+    if (br->winograd) {
+      const int64_t size = winograd_buffer_size<T>(br->winograd_tile, br->input.channels);
+      winograd_size = std::max(winograd_size, size);
+    } else {
+      pixels = std::max(pixels, br->out_shape.pixels());
+    }
     if (br->pool != Pool::kNone) pool_channels = std::max(pool_channels, br->input.channels);
   }
   for (int64_t first = 0; first < pixels; first += kBlockRows)
@@ -116,14 +120,11 @@ void conv_step(const ConvBranch<T>* branches, int64_t count) {
         chunks(br, first, br->pool != Pool::kNone);
   for (const ConvBranch<T>* br = branches; br != end; ++br) {
     if (!br->winograd) continue;
-    const Shape& s = br->out_shape;
-    const int64_t tiles = s.batch * ceil_div(s.height, 2) * ceil_div(s.width, 2);
+    const int64_t tiles = winograd_tiles(br->out_shape, br->winograd_tile);
     for (int64_t first = 0; first < tiles; first += kWinogradTiles) chunks(br, first, false);
   }
 
   const int64_t pool_size = kBlockRows * pool_channels;
-  const int64_t winograd_size =
-      winograd_channels ? 16 * kWinogradTiles * (winograd_channels + chunk_cols<T>()) : 0;
   const int64_t buffer_size = std::max(pool_size, winograd_size);
   // Scratch, not zeroed: every task writes what it reads.
   const std::unique_ptr<T[]> buffers(new T[at::get_num_threads() * buffer_size]);

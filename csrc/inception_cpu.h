@@ -4,7 +4,7 @@
 //   conv.cpp       conv_step: one parallel region of branches (1x1s reading x, pool
 //                  branches with their pool taken while loading, kh x kw convs as
 //                  implicit GEMMs over zero-bordered maps)
-//   winograd.cpp   Winograd F(2x2, 3x3) for 3x3 stride-1 branches
+//   winograd.cpp   Winograd F(2x2, 3x3) and F(4x4, 3x3) for 3x3 stride-1 branches
 //   gemm.h         the register-blocked GEMM + bias + ReLU every step runs
 //   layers.cpp     input load, max pools, the average-pool + FC head
 //   inception.cpp  one GoogLeNet block: two steps over caller-provided buffers
@@ -77,6 +77,7 @@ constexpr int64_t chunk_cols() {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // Runs fn(task) for task in [0, count) on torch's intra-op threads (OpenMP here),
 // dynamically scheduled: tasks differ in cost (pool tiles, 3x3 vs 5x5, edge blocks).
@@ -101,8 +102,8 @@ inline void for_each_pixel(const Shape& s, int64_t m0, int64_t rows, const F& fn
 }
 
 // Zeroes everything of the map outside its interior (shape.height x shape.width pixels
-// at offset pad): the conv's zero padding, plus the extra row / column Winograd's
-// 2x2 tiles read when H or W is odd.
+// at offset pad): the conv's zero padding, plus the extra rows / columns Winograd's
+// m x m tiles read when m does not divide H or W.
 template <typename T>
 void zero_border(const PaddedMap<T>& map, const Shape& shape) {
   const int64_t row_len = map.width * map.channels;
@@ -129,7 +130,7 @@ enum class Pool : int64_t { kNone = 0, kMax = 1, kAvg = 2, kAvgExcludePad = 3 };
 // One conv + bias + ReLU of a step: relu(conv(input) + bias) into a channel slice, as
 // an implicit GEMM over the windows of a zero-bordered map (K = kh runs of kw * C
 // contiguous elements, a bordered row apart: the packed weights' row order, tap * C + c)
-// or, for 3x3 stride-1 kernels with `winograd` weights, Winograd F(2x2, 3x3).
+// or, for 3x3 stride-1 kernels with `winograd` weights, Winograd F(m x m, 3x3).
 template <typename T>
 struct ConvBranch {
   PaddedMap<T> input;  // channels: the conv's C_in
@@ -138,6 +139,7 @@ struct ConvBranch {
   Pool pool;  // kh = kw = 1 when set
   Weights<T> weights;  // packed [kh * kw * C_in, cols] (a column range when ldb > cols)
   const T* winograd;   // winograd_weights of `weights`, or null
+  int64_t winograd_tile;  // their m (the output tile side) when set
   Shape out_shape;
   PaddedMap<T> out;
 
@@ -156,12 +158,12 @@ inline int64_t conv_size(int64_t size, int64_t kernel, int64_t stride, int64_t p
   return size + 2 * pad < kernel ? 0 : (size + 2 * pad - kernel) / stride + 1;
 }
 
-// Rows / columns a reader's windows reach below / right of the input's interior
-// (Winograd reads whole 2x2 output tiles: one more when the output side is odd).
+// Rows / columns a reader's windows reach below / right of the input's interior. It
+// computes whole tiles of `tile` x `tile` outputs (Winograd's m; 1 for direct convs).
 inline int64_t reach_past(int64_t in_size, int64_t out_size, int64_t kernel,
-                          int64_t stride, int64_t pad, bool winograd) {
-  const int64_t out = winograd ? out_size + out_size % 2 : out_size;
-  return std::max<int64_t>((out - 1) * stride + kernel - pad - in_size, 0);
+                          int64_t stride, int64_t pad, int64_t tile) {
+  const int64_t last = round_up(out_size, tile) - 1;  // the last output computed
+  return std::max<int64_t>(last * stride + kernel - pad - in_size, 0);
 }
 
 // One step: every branch's output in one parallel region (pixel blocks or Winograd
@@ -169,18 +171,37 @@ inline int64_t reach_past(int64_t in_size, int64_t out_size, int64_t kernel,
 template <typename T>
 void conv_step(const ConvBranch<T>* branches, int64_t count);
 
-// Winograd F(2x2, 3x3) (winograd.cpp). Tiles of 2x2 output pixels, enumerated like
-// pixels over a (ceil(H/2), ceil(W/2)) grid; the input map must hold the last tile's
-// windows (reach_past).
+// Winograd F(m x m, 3x3), m = 2 or 4 (winograd.cpp). Tiles of m x m output pixels,
+// enumerated like pixels over a (ceil(H/m), ceil(W/m)) grid; the input map must hold
+// the last tile's windows (reach_past with tile m).
 constexpr int64_t kWinogradTiles = 24;  // tiles per task: whole row tiles
 static_assert(kWinogradTiles % kTileRows == 0, "a Winograd task is whole row tiles");
 
-// u [16 * c_in, cols] = G g G^T of the packed 3x3 weights w [9 * c_in, cols].
+inline int64_t winograd_tiles(const Shape& s, int64_t m) {
+  return s.batch * ceil_div(s.height, m) * ceil_div(s.width, m);
+}
+
+// The m of Winograd weights of u_rows = (m + 2)^2 * c_in rows; 0 when no m fits.
+inline int64_t winograd_tile_of(int64_t u_rows, int64_t c_in) {
+  for (int64_t m : {2, 4})
+    if (u_rows == (m + 2) * (m + 2) * c_in) return m;
+  return 0;
+}
+
+// A thread's scratch for winograd_tile_block: n^2 * kWinogradTiles * (C + chunk_cols),
+// n = m + 2 (the transformed inputs, then the products of one column chunk).
 template <typename T>
-void winograd_weights(const T* w, int64_t c_in, int64_t cols, T* u);
+int64_t winograd_buffer_size(int64_t m, int64_t c_in) {
+  return (m + 2) * (m + 2) * kWinogradTiles * (c_in + chunk_cols<T>());
+}
+
+// u [(m + 2)^2 * c_in, cols] = G g G^T of the packed 3x3 weights w [9 * c_in, cols],
+// transformed in double and rounded once to T.
+template <typename T>
+void winograd_weights(const T* w, int64_t c_in, int64_t cols, int64_t m, T* u);
 
 // Output channels [col_begin, col_end) of the tiles tile0 ... tile0 + kWinogradTiles - 1
-// of a 3x3 branch. buffer: a thread's 16 * kWinogradTiles * (C + chunk_cols) scratch.
+// of a 3x3 branch. buffer: a thread's winograd_buffer_size scratch.
 template <typename T>
 void winograd_tile_block(const ConvBranch<T>& branch, int64_t tile0, int64_t col_begin,
                          int64_t col_end, T* buffer);
@@ -221,16 +242,18 @@ struct InceptionBlock {
   int64_t c_in, c1, r3, r5, c3, c5, c_pool, k3, k5;
   const T *stem_w, *stem_b, *pool_w, *pool_b, *w3, *b3, *w5, *b5;
   const T *winograd3, *winograd5;  // winograd_weights of w3 / w5, or null
+  int64_t tile3, tile5;             // their m, 1 for direct convs
 
   int64_t c_out() const { return c1 + c3 + c5 + c_pool; }
-  // Elements of the zero-bordered reduce maps the k3 / k5 convs read over `shape`.
-  int64_t map_elements(const Shape& s, int64_t k, int64_t channels, bool winograd) const {
+  // Elements of the zero-bordered reduce maps the k3 / k5 convs read over `shape`: a
+  // k / 2 border around whole tiles of outputs.
+  int64_t map_elements(const Shape& s, int64_t k, int64_t channels, int64_t tile) const {
     const int64_t pad = k / 2;
-    return s.batch * (s.height + 2 * pad + (winograd ? s.height % 2 : 0)) *
-           (s.width + 2 * pad + (winograd ? s.width % 2 : 0)) * channels;
+    return s.batch * (round_up(s.height, tile) + 2 * pad) *
+           (round_up(s.width, tile) + 2 * pad) * channels;
   }
-  int64_t map3(const Shape& s) const { return map_elements(s, k3, r3, winograd3); }
-  int64_t map5(const Shape& s) const { return map_elements(s, k5, r5, winograd5); }
+  int64_t map3(const Shape& s) const { return map_elements(s, k3, r3, tile3); }
+  int64_t map5(const Shape& s) const { return map_elements(s, k5, r5, tile5); }
 };
 
 // The block's eval forward: x NHWC [shape, c_in] -> out NHWC [shape, c_out], with

@@ -81,9 +81,11 @@ Program::Program(std::vector<at::Tensor> tensors, const std::vector<int64_t>& in
           if (b.winograd >= 0) {
             const at::Tensor& u = tensor(b.winograd, 2, "Winograd weights");
             TORCH_CHECK(b.kh == 3 && b.kw == 3 && b.stride == 1 && b.col_begin == 0 &&
-                            b.col_end == w.size(1) && u.size(0) == 16 * src.channels &&
+                            b.col_end == w.size(1) &&
+                            winograd_tile_of(u.size(0), src.channels) > 0 &&
                             u.size(1) == w.size(1),
-                        "Program: Winograd weights need a whole 3x3 stride-1 conv");
+                        "Program: Winograd weights need a whole 3x3 stride-1 conv and "
+                        "[(m + 2)^2 * C_in, cols] rows, m = 2 or 4");
           }
           op.branches.push_back(b);
         }
@@ -125,6 +127,11 @@ Program::Program(std::vector<at::Tensor> tensors, const std::vector<int64_t>& in
   }
 }
 
+int64_t Program::winograd_tile(const Branch& b) const {
+  if (b.winograd < 0) return 1;
+  return winograd_tile_of(tensors_[b.winograd].size(0), maps_[b.src].channels);
+}
+
 Program::Layout Program::layout(const at::Tensor& x) const {
   const int64_t batch = x.size(0);
   Layout l;
@@ -153,11 +160,11 @@ Program::Layout Program::layout(const at::Tensor& x) const {
       const Shape out{batch, conv_size(in.height, b.kh, b.stride, b.pad_h),
                       conv_size(in.width, b.kw, b.stride, b.pad_w)};
       set(b.dst, out, i);
-      const bool winograd = b.winograd >= 0;
-      reach_h[b.src] = std::max(
-          reach_h[b.src], reach_past(in.height, out.height, b.kh, b.stride, b.pad_h, winograd));
-      reach_w[b.src] = std::max(
-          reach_w[b.src], reach_past(in.width, out.width, b.kw, b.stride, b.pad_w, winograd));
+      const int64_t tile = winograd_tile(b);
+      reach_h[b.src] = std::max(reach_h[b.src], reach_past(in.height, out.height, b.kh,
+                                                           b.stride, b.pad_h, tile));
+      reach_w[b.src] = std::max(reach_w[b.src], reach_past(in.width, out.width, b.kw,
+                                                           b.stride, b.pad_w, tile));
     }
   }
   for (size_t m = 0; m < maps_.size(); ++m) {
@@ -258,7 +265,8 @@ at::Tensor Program::run(const at::Tensor& x) {
                static_cast<Pool>(b.pool),
                {ptr(b.weight) + b.col_begin, ldb, ptr(b.bias) + b.col_begin,
                 b.col_end - b.col_begin},
-               b.winograd >= 0 ? ptr(b.winograd) : nullptr, l.shapes[b.dst],
+               b.winograd >= 0 ? ptr(b.winograd) : nullptr, winograd_tile(b),
+               l.shapes[b.dst],
                maps[b.dst].slice(b.dst_channel)});
         }
         conv_step<T>(branches.data(), static_cast<int64_t>(branches.size()));

@@ -12,7 +12,8 @@
 //     kHead     src fc_weight fc_bias        the average over src's pixels [N, C], then
 //                                            (fc_weight >= 0) the FC: [N, classes]
 //   A branch: src dst dst_channel kh kw stride pad_h pad_w pool weight bias col_begin
-//   col_end winograd (tensor indices; winograd -1 for none; pool: Pool's value).
+//   col_end winograd (tensor indices; winograd -1 for none; pool: Pool's value). The
+//   Winograd weights' rows say which F(m x m, 3x3) runs: (m + 2)^2 * C_in, m = 2 or 4.
 //
 // Maps are channels_last with a zero border of `border` pixels (at least every reader's
 // padding). Maps in the same slot share one buffer (the builder puts maps whose lives do
@@ -58,6 +59,8 @@ class Program {
     std::vector<int64_t> heights, widths;  // border included
   };
 
+  // The side of the output tiles a branch computes: Winograd's m, 1 for direct.
+  int64_t winograd_tile(const Branch& b) const;
   Layout layout(const at::Tensor& x) const;
   template <typename T>
   at::Tensor run(const at::Tensor& x);

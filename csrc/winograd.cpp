@@ -1,127 +1,172 @@
-// Winograd F(2x2, 3x3) convolution (Lavin & Gray, arXiv 1509.09308) for 3x3 branches.
+// Winograd F(m x m, 3x3) convolution (Lavin & Gray, arXiv 1509.09308) for 3x3 stride-1
+// branches, m = 2 or 4.
 //
-// Each 2x2 block of outputs comes from a 4x4 input tile d:
+// Each m x m block of outputs comes from an n x n input tile d, n = m + 2:
 //   Y = A^T [ sum_c (G g_c G^T) ⊙ (B^T d_c B) ] A,
-// which is 16 independent GEMMs (one per position xi of the 4x4 transformed tile) of
-// [tiles, C] x [C, cols]: 16 multiplies per (tile, input, output channel) where direct
-// convolution needs 36, i.e. 2.25x fewer GEMM flops. Per task a block of tiles is
-// transformed into a thread's buffer (cache-resident), multiplied by the transformed
-// weights U_xi, and transformed back with bias + ReLU into the output slice.
+// which is n^2 independent GEMMs (one per position xi of the transformed tile) of
+// [tiles, C] x [C, cols]: n^2 / m^2 multiplies per (output pixel, input, output channel)
+// where direct convolution needs 9, i.e. 2.25x (m = 2) or 4x (m = 4) fewer GEMM flops.
+// Per task a block of tiles is transformed into a thread's buffer, multiplied by the
+// transformed weights U_xi, and transformed back with bias + ReLU into the output slice.
+// Only the 1-D transforms below depend on m; tiles, buffers, borders and the
+// non-finite fallback follow from it.
 #include "inception_cpu.h"
 
 namespace inception_cpu {
 namespace {
 
-// The transforms are written once for U = T and U = a SIMD vector of T (channels).
-// B^T d B for one 4x4 tile, d row-major, v[4 * i + j].
-template <typename U>
-inline void input_transform(const U d[4][4], U v[16]) {
-  U t[4][4];  // B^T d
-  for (int j = 0; j < 4; ++j) {
-    t[0][j] = d[0][j] - d[2][j];
-    t[1][j] = d[1][j] + d[2][j];
-    t[2][j] = d[2][j] - d[1][j];
-    t[3][j] = d[1][j] - d[3][j];
-  }
-  for (int i = 0; i < 4; ++i) {
-    v[4 * i + 0] = t[i][0] - t[i][2];
-    v[4 * i + 1] = t[i][1] + t[i][2];
-    v[4 * i + 2] = t[i][2] - t[i][1];
-    v[4 * i + 3] = t[i][1] - t[i][3];
-  }
-}
-
-// A^T m A: the 2x2 outputs of one transformed tile m[4 * i + j].
-template <typename U>
-inline void output_transform(const U m[16], U y[2][2]) {
-  U t[2][4];  // A^T m
-  for (int j = 0; j < 4; ++j) {
-    t[0][j] = m[j] + m[4 + j] + m[8 + j];
-    t[1][j] = m[4 + j] - m[8 + j] - m[12 + j];
-  }
-  for (int i = 0; i < 2; ++i) {
-    y[i][0] = t[i][0] + t[i][1] + t[i][2];
-    y[i][1] = t[i][1] - t[i][2] - t[i][3];
+// The 1-D transforms of F(m, 3): input i at [i * s], output i at [i * so] (1 along a
+// row, n down a column), written once for U = T and U = a SIMD vector of T (channels). F(2, 3) interpolates at
+// 0, 1, -1 and infinity, F(4, 3) at 0, 1, -1, 2, -2 and infinity: B^T, G, A^T as in
+// Lavin & Gray, with the common subexpressions taken out.
+// B^T d: n inputs -> n transformed.
+template <int M, typename U>
+inline void input_1d(const U* d, int s, U* v, int so) {
+  if constexpr (M == 2) {
+    v[0] = d[0] - d[2 * s];
+    v[so] = d[s] + d[2 * s];
+    v[2 * so] = d[2 * s] - d[s];
+    v[3 * so] = d[s] - d[3 * s];
+  } else {
+    static_assert(M == 4);
+    const U d0 = d[0], d1 = d[s], d2 = d[2 * s], d3 = d[3 * s], d4 = d[4 * s],
+            d5 = d[5 * s];
+    const U even4 = d4 - 4 * d2, odd4 = d3 - 4 * d1;  // rows 1 and 2
+    const U even2 = d4 - d2, odd2 = 2 * (d3 - d1);      // rows 3 and 4
+    v[0] = 4 * (d0 - d2) + even2;
+    v[so] = even4 + odd4;
+    v[2 * so] = even4 - odd4;
+    v[3 * so] = even2 + odd2;
+    v[4 * so] = even2 - odd2;
+    v[5 * so] = 4 * (d1 - d3) + (d5 - d3);
   }
 }
 
-// G g G^T for one 3x3 kernel g, u[4 * i + j].
-template <typename U>
-inline void weight_transform(const U g[3][3], U u[16]) {
-  U t[4][3];  // G g
-  for (int j = 0; j < 3; ++j) {
-    t[0][j] = g[0][j];
-    t[1][j] = (g[0][j] + g[1][j] + g[2][j]) * 0.5f;
-    t[2][j] = (g[0][j] - g[1][j] + g[2][j]) * 0.5f;
-    t[3][j] = g[2][j];
-  }
-  for (int i = 0; i < 4; ++i) {
-    u[4 * i + 0] = t[i][0];
-    u[4 * i + 1] = (t[i][0] + t[i][1] + t[i][2]) * 0.5f;
-    u[4 * i + 2] = (t[i][0] - t[i][1] + t[i][2]) * 0.5f;
-    u[4 * i + 3] = t[i][2];
+// A^T x: n transformed -> m outputs.
+template <int M, typename U>
+inline void output_1d(const U* x, int s, U* y, int so) {
+  const U sum12 = x[s] + x[2 * s], diff12 = x[s] - x[2 * s];
+  if constexpr (M == 2) {
+    y[0] = x[0] + sum12;
+    y[so] = diff12 - x[3 * s];
+  } else {
+    static_assert(M == 4);
+    const U sum34 = x[3 * s] + x[4 * s], diff34 = x[3 * s] - x[4 * s];
+    y[0] = x[0] + sum12 + sum34;
+    y[so] = diff12 + 2 * diff34;
+    y[2 * so] = sum12 + 4 * sum34;
+    y[3 * so] = diff12 + 8 * diff34 + x[5 * s];
   }
 }
 
-// Tile t of a batch of (ceil(H/2) x ceil(W/2)) tile grids: image, and top-left output pixel.
+// G g: 3 taps -> n transformed, in double (F(4, 3)'s sixths and twenty-fourths are not
+// exact in float; the caller rounds the 2-D result once).
+template <int M>
+inline void weight_1d(const double* g, int s, double* u, int so) {
+  const double g0 = g[0], g1 = g[s], g2 = g[2 * s];
+  if constexpr (M == 2) {
+    u[0] = g0;
+    u[so] = (g0 + g1 + g2) / 2;
+    u[2 * so] = (g0 - g1 + g2) / 2;
+    u[3 * so] = g2;
+  } else {
+    static_assert(M == 4);
+    u[0] = g0 / 4;
+    u[so] = -(g0 + g1 + g2) / 6;
+    u[2 * so] = -(g0 - g1 + g2) / 6;
+    u[3 * so] = (g0 + 2 * g1 + 4 * g2) / 24;
+    u[4 * so] = (g0 - 2 * g1 + 4 * g2) / 24;
+    u[5 * so] = g2;
+  }
+}
+
+// The 2-D transforms: the 1-D one down every column, then along every row.
+// B^T d B for one n x n tile, d and v row-major.
+template <int M, typename U>
+inline void input_transform(const U* d, U* v) {
+  constexpr int n = M + 2;
+  U t[n * n];  // B^T d
+  for (int j = 0; j < n; ++j) input_1d<M>(d + j, n, t + j, n);
+  for (int i = 0; i < n; ++i) input_1d<M>(t + n * i, 1, v + n * i, 1);
+}
+
+// A^T x A: the m x m outputs y of one transformed tile x, both row-major.
+template <int M, typename U>
+inline void output_transform(const U* x, U* y) {
+  constexpr int n = M + 2;
+  U t[M * n];  // A^T x
+  for (int j = 0; j < n; ++j) output_1d<M>(x + j, n, t + j, n);
+  for (int i = 0; i < M; ++i) output_1d<M>(t + n * i, 1, y + M * i, 1);
+}
+
+// G g G^T for one 3x3 kernel g, both row-major.
+template <int M>
+inline void weight_transform(const double* g, double* u) {
+  constexpr int n = M + 2;
+  double t[n * 3];  // G g
+  for (int j = 0; j < 3; ++j) weight_1d<M>(g + j, 3, t + j, 3);
+  for (int i = 0; i < n; ++i) weight_1d<M>(t + 3 * i, 1, u + n * i, 1);
+}
+
+// Tile t of a batch of (ceil(H/m) x ceil(W/m)) tile grids: image, top-left output pixel.
 struct TileOrigin {
   int64_t n, y, x;
 };
 
+template <int M>
 inline TileOrigin tile_origin(const Shape& s, int64_t tile) {
-  const int64_t tiles_w = ceil_div(s.width, 2), tiles_h = ceil_div(s.height, 2);
-  return {tile / (tiles_h * tiles_w), 2 * (tile / tiles_w % tiles_h), 2 * (tile % tiles_w)};
+  const int64_t tiles_w = ceil_div(s.width, M), tiles_h = ceil_div(s.height, M);
+  return {tile / (tiles_h * tiles_w), M * (tile / tiles_w % tiles_h),
+          M * (tile % tiles_w)};
 }
 
-}  // namespace
-
-template <typename T>
-void winograd_weights(const T* w, int64_t c_in, int64_t cols, T* u) {
+template <int M, typename T>
+void weights_for(const T* w, int64_t c_in, int64_t cols, T* u) {
+  constexpr int n = M + 2;
   at::parallel_for(0, c_in, 1, [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
-      for_each_lane_group<T>(cols, [&](auto lanes, int64_t j) {
-        using U = decltype(lanes);
-        U g[3][3], t[16];
-        for (int ky = 0; ky < 3; ++ky)
-          for (int kx = 0; kx < 3; ++kx)
-            g[ky][kx] = load<U>(w + ((ky * 3 + kx) * c_in + c) * cols + j);
-        weight_transform(g, t);
-        for (int xi = 0; xi < 16; ++xi) store(u + (xi * c_in + c) * cols + j, t[xi]);
-      });
+      for (int64_t j = 0; j < cols; ++j) {
+        double g[9], t[n * n];
+        for (int tap = 0; tap < 9; ++tap) g[tap] = w[(tap * c_in + c) * cols + j];
+        weight_transform<M>(g, t);
+        for (int xi = 0; xi < n * n; ++xi)
+          u[(xi * c_in + c) * cols + j] = static_cast<T>(t[xi]);
+      }
     }
   });
 }
 
-template <typename T>
-void winograd_tile_block(const ConvBranch<T>& br, int64_t tile0, int64_t col_begin,
-                         int64_t col_end, T* buffer) {
+template <int M, typename T>
+void tile_block(const ConvBranch<T>& br, int64_t tile0, int64_t col_begin,
+                int64_t col_end, T* buffer) {
+  constexpr int n = M + 2;
+  static_assert(M * M <= kWinogradTiles, "a tile's pixels fit the fallback's rows");
   const Shape& shape = br.out_shape;
   const PaddedMap<T>& map = br.input;
   const int64_t c_in = map.channels, cols = col_end - col_begin;
-  const int64_t tiles = std::min(
-      kWinogradTiles,
-      shape.batch * ceil_div(shape.height, 2) * ceil_div(shape.width, 2) - tile0);
-  T* v = buffer;                               // [16][kWinogradTiles][c_in]
-  T* m = buffer + 16 * kWinogradTiles * c_in;  // [16][kWinogradTiles][cols]
+  const int64_t tiles = std::min(kWinogradTiles, winograd_tiles(shape, M) - tile0);
+  T* v = buffer;                                  // [n^2][kWinogradTiles][c_in]
+  T* m = buffer + n * n * kWinogradTiles * c_in;  // [n^2][kWinogradTiles][cols]
 
   // Tiles whose input holds an inf or NaN: the transforms' sums and differences would
-  // turn one inf into NaN over the whole 2x2 block, so those take the direct conv below.
+  // turn one inf into NaN over the whole m x m block, so those take the direct conv
+  // below.
   int64_t nonfinite[kWinogradTiles];
   int64_t n_nonfinite = 0;
   for (int64_t t = 0; t < tiles; ++t) {
-    const TileOrigin o = tile_origin(shape, tile0 + t);
-    const T* corner = br.window(o.n, o.y, o.x);  // the 4x4 input tile's top-left
+    const TileOrigin o = tile_origin<M>(shape, tile0 + t);
+    const T* corner = br.window(o.n, o.y, o.x);  // the n x n input tile's top-left
     T probe = 0;  // stays 0 while every input is finite (x - x is NaN for inf / NaN)
     for_each_lane_group<T>(c_in, [&](auto lanes, int64_t c) {
       using U = decltype(lanes);
-      U d[4][4], vt[16], p{};
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) {
-          d[i][j] = load<U>(corner + (i * map.width + j) * c_in + c);
-          p += d[i][j] - d[i][j];
+      U d[n * n], vt[n * n], p{};
+      for (int i = 0; i < n; ++i)
+        for (int j = 0; j < n; ++j) {
+          d[n * i + j] = load<U>(corner + (i * map.width + j) * c_in + c);
+          p += d[n * i + j] - d[n * i + j];
         }
-      input_transform(d, vt);
-      for (int xi = 0; xi < 16; ++xi)
+      input_transform<M>(d, vt);
+      for (int xi = 0; xi < n * n; ++xi)
         store(v + (xi * kWinogradTiles + t) * c_in + c, vt[xi]);
       probe += lane_sum<T>(p);
     });
@@ -132,7 +177,7 @@ void winograd_tile_block(const ConvBranch<T>& br, int64_t tile0, int64_t col_beg
   T* c_rows[kWinogradTiles];
   const KLayout one_run{1, c_in, 0};
   const int64_t ldb = br.weights.ldb;
-  for (int64_t xi = 0; xi < 16; ++xi) {
+  for (int64_t xi = 0; xi < n * n; ++xi) {
     for (int64_t t = 0; t < tiles; ++t) {
       a_rows[t] = v + (xi * kWinogradTiles + t) * c_in;
       c_rows[t] = m + (xi * kWinogradTiles + t) * cols;
@@ -143,18 +188,18 @@ void winograd_tile_block(const ConvBranch<T>& br, int64_t tile0, int64_t col_beg
 
   const T* bias = br.weights.bias + col_begin;
   for (int64_t t = 0; t < tiles; ++t) {
-    const TileOrigin o = tile_origin(shape, tile0 + t);
+    const TileOrigin o = tile_origin<M>(shape, tile0 + t);
     for_each_lane_group<T>(cols, [&](auto lanes, int64_t j) {
       using U = decltype(lanes);
-      U mt[16], y[2][2];
-      for (int xi = 0; xi < 16; ++xi)
+      U mt[n * n], y[M * M];
+      for (int xi = 0; xi < n * n; ++xi)
         mt[xi] = load<U>(m + (xi * kWinogradTiles + t) * cols + j);
-      output_transform(mt, y);
+      output_transform<M>(mt, y);
       const U b = load<U>(bias + j);
-      for (int dy = 0; dy < 2 && o.y + dy < shape.height; ++dy) {
-        for (int dx = 0; dx < 2 && o.x + dx < shape.width; ++dx) {
+      for (int dy = 0; dy < M && o.y + dy < shape.height; ++dy) {
+        for (int dx = 0; dx < M && o.x + dx < shape.width; ++dx) {
           store(br.out.pixel(o.n, o.y + dy, o.x + dx) + col_begin + j,
-                relu(y[dy][dx] + b));
+                relu(y[M * dy + dx] + b));
         }
       }
     });
@@ -162,10 +207,10 @@ void winograd_tile_block(const ConvBranch<T>& br, int64_t tile0, int64_t col_beg
 
   // The non-finite tiles again, as conv_step's implicit GEMM (overwriting).
   for (int64_t k = 0; k < n_nonfinite; ++k) {
-    const TileOrigin o = tile_origin(shape, tile0 + nonfinite[k]);
+    const TileOrigin o = tile_origin<M>(shape, tile0 + nonfinite[k]);
     int64_t rows = 0;
-    for (int dy = 0; dy < 2 && o.y + dy < shape.height; ++dy) {
-      for (int dx = 0; dx < 2 && o.x + dx < shape.width; ++dx, ++rows) {
+    for (int dy = 0; dy < M && o.y + dy < shape.height; ++dy) {
+      for (int dx = 0; dx < M && o.x + dx < shape.width; ++dx, ++rows) {
         a_rows[rows] = br.window(o.n, o.y + dy, o.x + dx);
         c_rows[rows] = br.out.pixel(o.n, o.y + dy, o.x + dx);
       }
@@ -174,16 +219,31 @@ void winograd_tile_block(const ConvBranch<T>& br, int64_t tile0, int64_t col_beg
          br.weights.bias, c_rows, col_begin, col_end);
   }
   for (int64_t t = 0; t < tiles; ++t) {
-    const TileOrigin o = tile_origin(shape, tile0 + t);
-    for (int dy = 0; dy < 2 && o.y + dy < shape.height; ++dy)
-      for (int dx = 0; dx < 2 && o.x + dx < shape.width; ++dx)
+    const TileOrigin o = tile_origin<M>(shape, tile0 + t);
+    for (int dy = 0; dy < M && o.y + dy < shape.height; ++dy)
+      for (int dx = 0; dx < M && o.x + dx < shape.width; ++dx)
         redo_nonfinite_border_pixel(br, o.n, o.y + dy, o.x + dx, col_begin, col_end);
   }
 }
 
-#define INSTANTIATE(T)                                                         \
-  template void winograd_weights<T>(const T*, int64_t, int64_t, T*);           \
-  template void winograd_tile_block<T>(const ConvBranch<T>&, int64_t, int64_t, \
+}  // namespace
+
+template <typename T>
+void winograd_weights(const T* w, int64_t c_in, int64_t cols, int64_t tile, T* u) {
+  if (tile == 2) weights_for<2>(w, c_in, cols, u);
+  else weights_for<4>(w, c_in, cols, u);
+}
+
+template <typename T>
+void winograd_tile_block(const ConvBranch<T>& br, int64_t tile0, int64_t col_begin,
+                         int64_t col_end, T* buffer) {
+  if (br.winograd_tile == 2) tile_block<2>(br, tile0, col_begin, col_end, buffer);
+  else tile_block<4>(br, tile0, col_begin, col_end, buffer);
+}
+
+#define INSTANTIATE(T)                                                           \
+  template void winograd_weights<T>(const T*, int64_t, int64_t, int64_t, T*);    \
+  template void winograd_tile_block<T>(const ConvBranch<T>&, int64_t, int64_t,   \
                                        int64_t, T*);
 INSTANTIATE(float)
 INSTANTIATE(double)

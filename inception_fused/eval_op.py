@@ -46,7 +46,7 @@ def _eval_forward_op(
     """Eval-mode Inception over BN-folded, packed weights; channels_last output.
 
     ``backend``: ``"triton"`` (the two Triton launches) or ``"cpu"`` (the C++ backend).
-    ``winograd_w3``/``winograd_w5``: the C++ backend's F(2x2, 3x3) transforms of 3x3
+    ``winograd_w3``/``winograd_w5``: the C++ backend's Winograd transforms of 3x3
     branch weights, made here when not given.
     """
     if backend not in OP_BACKENDS:

@@ -1,7 +1,7 @@
 """C++ backend, eval: NaN and +-inf come out exactly where the reference puts them.
 
 ReLU(NaN) is NaN, a NaN in a max-pool window gives NaN, and the Winograd 3x3 path (whose
-transforms would smear one inf over a whole 2x2 block as NaN) takes the direct conv for
+transforms would smear one inf over a whole m x m block as NaN) takes the direct conv for
 tiles that hold a non-finite value, and is not used for non-finite weights.
 """
 
@@ -12,7 +12,7 @@ from conftest import TOLERANCES, make_reference
 from inception_fused import FusedInceptionModule
 
 CHANNELS = (19, 8, 12, 16, 6, 9, 7)  # odd counts: vector body and scalar tail
-H, W = 9, 8  # odd height: Winograd's padded extra row
+H, W = 9, 8  # 9: Winograd's m x m tiles read padded extra rows
 
 
 def pair(branch3_kernel):
