@@ -2,9 +2,13 @@
 // channels_last output and the zero-bordered reduce maps, runs the two steps.
 #include <torch/extension.h>
 
+#include <chrono>
+#include <cmath>
+#include <numeric>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "inception_cpu.h"
 #include "program.h"
@@ -130,6 +134,31 @@ bool cpu_runs(const std::string& isa) {
   return false;
 }
 
+// The fp32 multiply-add rate this build's vectors reach on torch's threads, in GFLOP/s:
+// each thread runs kChains independent a * m + c chains (FMAs where the build has them;
+// enough chains to cover two pipes' latency) for `steps` steps, 2 flops a lane each.
+// What the benchmarks report a fraction of: the clock a VM really gives, not its label.
+double fp32_peak_gflops(int64_t steps) {
+  using V = Simd<float>::type;
+  constexpr int kChains = 12;  // 12 + 2 constants fit AVX2's 16 registers
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> sinks(threads);
+  const auto start = std::chrono::steady_clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      V acc[kChains];
+      for (int i = 0; i < kChains; ++i) acc[i] = V{} + (1.0f + 1e-3f * i);
+      const V mul = V{} + 0.999999f, add = V{} + 1e-6f;
+      for (int64_t step = 0; step < steps; ++step)
+        for (V& a : acc) a = a * mul + add;
+      for (const V& a : acc) sinks[t] += lane_sum<float>(a);  // keeps the chains live
+    }
+  });
+  const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+  TORCH_CHECK(std::isfinite(std::accumulate(sinks.begin(), sinks.end(), 0.0f)));
+  return 2.0 * kChains * Simd<float>::width * steps * threads / took.count() / 1e9;
+}
+
 }  // namespace inception_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -159,6 +188,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether this CPU runs the 'avx2' or 'avx512' build", pybind11::arg("isa"));
   m.def("vector_bits", [] { return 8 * inception_cpu::kVectorBytes; },
         "This build's SIMD vector width in bits");
+  m.def("fp32_peak_gflops", &inception_cpu::fp32_peak_gflops,
+        "Measured fp32 multiply-add GFLOP/s of this build's vectors on torch's threads",
+        pybind11::arg("steps") = 50'000'000,
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("winograd_weights", &inception_cpu::winograd_weights_tensor,
         "Winograd F(m x m, 3x3) transform G g G^T of packed 3x3 weights [9 C, cols] -> "
         "[(m + 2)^2 C, cols] (row = xi * C + c), m = 2 or 4",
