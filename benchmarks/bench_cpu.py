@@ -146,7 +146,7 @@ def results_table() -> str:
     """Markdown table of the newest run (latest time_utc) in each results/cpu-*.csv."""
     out = []
     for path in sorted(RESULTS.glob("cpu-*.csv")):
-        if path.name.startswith("cpu-network-"):
+        if path.name.startswith("cpu-network-") or "-isolated-" in path.name:
             continue  # bench_cpu_network.py's
         rows = newest_rows(path)
         first = rows[0]
