@@ -140,9 +140,9 @@ def fp32_peak(threads: int) -> tuple[float, str]:
     """(GFLOP/s, how it was got): the loaded build's FMA loop on ``threads`` threads
     (the extension's fp32_peak_gflops, best of three), and the clock it implies from
     threads x FMA pipes x fp32 lanes x 2. Two FMA pipes: Zen 2-5 and Intel's server
-    cores (Zen 4 runs a 512-bit FMA over both). A VM's
-    /proc/cpuinfo "cpu MHz" is its host's nominal clock, below the boost clock the loop
-    (and every engine) runs at: measuring is what keeps the fraction under 100%."""
+    cores (Zen 4 runs a 512-bit FMA over both). A VM's /proc/cpuinfo "cpu MHz" is its
+    host's nominal clock, below the boost clock the loop (and every engine) runs at:
+    measuring is what keeps the fraction under 100%."""
     ext = cpu.load_extension()
     peak = max(ext.fp32_peak_gflops() for _ in range(3))
     info = cpuinfo()

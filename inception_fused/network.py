@@ -24,7 +24,6 @@ backend for CUDA tensors or the interpreter) and torchvision's forward otherwise
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,11 +37,11 @@ from .fold_cache import FoldCache, module_tensors
 from .folding import FoldedInception, accumulator_dtype, fold_conv_block
 from .kernels.conv import launch_conv_relu, pooled_size
 from .kernels.head import launch_avg_pool_fc
-from .kernels.launch import interpreting, on_device
+from .kernels.launch import interpreting, on_device, pair
 from .kernels.max_pool import launch_max_pool
 from .kernels.workspace import Workspace, release
 from .module import FusedInceptionModule
-from .program import BlockGraph, Pool, ProgramBuilder
+from .program import BlockGraph, Pool, ProgramBuilder, transform_rows
 
 # Blocks in forward order and the max pool torchvision's GoogLeNet takes after each
 # (kernel, stride 2, ceil_mode); 0: none.
@@ -86,11 +85,7 @@ def _is_conv(block: nn.Module, kernel: int, stride: int, padding: int) -> bool:
 
 
 def _is_pool(pool: nn.Module, kernel: int) -> bool:
-    """MaxPool2d(kernel, stride 2, ceil_mode=True), no padding: what network.cpp runs."""
-
-    def pair(v: int | Sequence[int]) -> tuple[int, ...]:
-        return tuple(v) if isinstance(v, Sequence) else (v, v)
-
+    """MaxPool2d(kernel, stride 2, ceil_mode=True), no padding: what the plan runs."""
     return (
         type(pool) is nn.MaxPool2d
         and pair(pool.kernel_size) == (kernel, kernel)
@@ -212,12 +207,6 @@ class TritonPlan:
         return launch_avg_pool_fc(y, *self.fc)  # the logits: the caller's to keep
 
 
-def _transform_vectors(dtype: torch.dtype) -> torch.Tensor:
-    return torch.tensor(
-        [(0.0,) * 3, (1.0,) * 3, TRANSFORM_SCALE, TRANSFORM_SHIFT], dtype=dtype
-    )
-
-
 def build_triton_plan(
     model: GoogLeNet, dtype: torch.dtype, folds: tuple[FoldedInception, ...]
 ) -> TritonPlan:
@@ -231,7 +220,7 @@ def build_triton_plan(
         )
         transform = None
         if model.transform_input:
-            transform = _transform_vectors(acc).to(device)
+            transform = transform_rows(TRANSFORM_AFFINE).to(device, acc)
         fc = (
             model.fc.weight.detach().to(dtype),
             model.fc.bias.detach().to(acc).contiguous(),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +30,7 @@ from .cpu import load_extension, winograd_transform
 from .folding import accumulator_dtype, fold_conv_block, pack_weight
 from .kernels.conv import launch_conv_relu, pooled_size
 from .kernels.head import launch_avg_pool_fc
-from .kernels.launch import empty_channels_last
+from .kernels.launch import empty_channels_last, pair
 from .kernels.max_pool import launch_max_pool
 
 
@@ -131,17 +130,13 @@ def basic_conv_ok(m: nn.Module) -> bool:
     )
 
 
-def _pair(v: int | Sequence[int]) -> tuple[int, ...]:
-    return tuple(v) if isinstance(v, Sequence) else (v, v)
-
-
 def max_pool_ok(m: nn.Module) -> bool:
     return (
         type(m) is nn.MaxPool2d
-        and _pair(m.kernel_size)[0] == _pair(m.kernel_size)[1]
-        and _pair(m.stride)[0] == _pair(m.stride)[1]
-        and _pair(m.padding) == (0, 0)
-        and _pair(m.dilation) == (1, 1)
+        and pair(m.kernel_size)[0] == pair(m.kernel_size)[1]
+        and pair(m.stride)[0] == pair(m.stride)[1]
+        and pair(m.padding) == (0, 0)
+        and pair(m.dilation) == (1, 1)
         and not m.return_indices
     )
 
@@ -240,7 +235,7 @@ class ProgramBuilder:
 
     def max_pool(self, m: nn.MaxPool2d) -> None:
         dst = self._map(self.program.maps[self.current].channels)
-        kernel, stride = _pair(m.kernel_size)[0], _pair(m.stride)[0]
+        kernel, stride = pair(m.kernel_size)[0], pair(m.stride)[0]
         self.program.ops.append(MaxPoolOp(self.current, dst, 0, kernel, stride, m.ceil_mode))
         self.current = dst
 
@@ -308,6 +303,13 @@ class ProgramBuilder:
         return prog
 
 
+def transform_rows(affine: torch.Tensor) -> torch.Tensor:
+    """An input affine [2, C] (scale, shift) as conv_tile's transform rows [4, C]: 0, 1,
+    scale, shift."""
+    zeros_ones = torch.tensor([[0.0], [1.0]], dtype=affine.dtype)
+    return torch.cat([zeros_ones.expand(2, affine.shape[1]), affine])
+
+
 # The Triton conv launcher's names for the pools a 1x1 conv takes while loading.
 TRITON_POOLS = {Pool.NONE: None, Pool.MAX: "max", Pool.AVG: "avg",
                 Pool.AVG_EXCLUDE_PAD: "avg_exclude"}  # fmt: skip
@@ -345,8 +347,7 @@ class TritonProgram:
                     head = (w.to(device, dtype), b.to(device, acc).contiguous())
             transform = None
             if program.affine is not None:
-                zeros_ones = torch.tensor([[0.0], [1.0]]).expand(2, program.affine.shape[1])
-                transform = torch.cat([zeros_ones, program.affine]).to(device, acc)
+                transform = transform_rows(program.affine).to(device, acc)
         return cls(program, weights, transform, head)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

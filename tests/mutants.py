@@ -60,8 +60,8 @@ MUTANTS = [
     Mutant(
         "triton-network-plan-ignores-transform-input",
         "inception_fused/network.py",
-        "        if model.transform_input:\n            transform = _transform_vectors(acc)",
-        "        if False:\n            transform = _transform_vectors(acc)",
+        "        if model.transform_input:\n            transform = transform_rows(",
+        "        if False:\n            transform = transform_rows(",
         ("tests/test_triton_network.py", "-k", "eval_matches_torchvision"),
     ),
     Mutant(

@@ -27,6 +27,7 @@ from .launch import (
     input_precision,
     kernel_layout,
     nchw_strides,
+    pair,
 )
 from .tiles import TileKey, pick
 
@@ -102,10 +103,6 @@ POOLS = {
 }
 
 
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
 def launch_conv_relu(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -136,8 +133,8 @@ def launch_conv_relu(
     x = kernel_layout(x)
     n, c_in, h, wd = x.shape
     c_out = w.shape[1]
-    kh, kw = _pair(ks)
-    ph, pw = (kh // 2, kw // 2) if padding is None else _pair(padding)
+    kh, kw = pair(ks)
+    ph, pw = (kh // 2, kw // 2) if padding is None else pair(padding)
     if w.shape[0] != kh * kw * c_in:
         raise ValueError(
             f"packed weight has {w.shape[0]} rows; a {kh}x{kw} conv of {c_in} input "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -123,6 +123,12 @@ def aligned_rows(
 def nchw_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     """Element strides of a 4-D tensor in NCHW index order, whatever its memory layout."""
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def pair(v: int | Sequence[int]) -> tuple[int, ...]:
+    """A conv or pool size as torch's modules hold it (an int for both sides, or a
+    sequence per side) as a tuple per side."""
+    return tuple(v) if isinstance(v, Sequence) else (v, v)
 
 
 # Host-side grid math in plain Python: triton.cdiv and triton.next_power_of_2 are

@@ -2,10 +2,10 @@
 the table lacks, and on CUDA a tuner that times a few candidates at a shape's first use.
 
 A launch is named by a :class:`TileKey`: the kernel (``pointwise`` stem tiles, ``pool``
-tiles, both in one launch ``pointwise_pool``, ``spatial``, ``reduce_grad``, ``input_grad``; the network's ``conv`` stem layers
-and ``head``), the mode, dtype and the GEMM's
-(M, N, K) with the kernel size (height and width where they differ: Inception-v3's 1x7,
-7x1, 1x3 and 3x1 convs). On the GPU, its tiles are the table's entry
+tiles, both in one launch ``pointwise_pool``, ``spatial``, ``reduce_grad``,
+``input_grad``; the network's ``conv`` stem layers and ``head``), the mode, dtype and the
+GEMM's (M, N, K) with the kernel size (height and width where they differ: Inception-v3's
+1x7, 7x1, 1x3 and 3x1 convs). On the GPU, its tiles are the table's entry
 (``tile_table.json``: the rule's choice checked by ``benchmarks/sm90_report.py``, or the
 winner measured on a GPU by ``benchmarks/tune_tiles.py``), else the rule. The interpreter
 keeps the rule's one config (big tiles: it pays per program).
