@@ -80,32 +80,14 @@ inline void weight_1d(const double* g, int s, double* u, int so) {
   }
 }
 
-// The 2-D transforms: the 1-D one down every column, then along every row.
-// B^T d B for one n x n tile, d and v row-major.
-template <int M, typename U>
-inline void input_transform(const U* d, U* v) {
-  constexpr int n = M + 2;
-  U t[n * n];  // B^T d
-  for (int j = 0; j < n; ++j) input_1d<M>(d + j, n, t + j, n);
-  for (int i = 0; i < n; ++i) input_1d<M>(t + n * i, 1, v + n * i, 1);
-}
-
-// A^T x A: the m x m outputs y of one transformed tile x, both row-major.
-template <int M, typename U>
-inline void output_transform(const U* x, U* y) {
-  constexpr int n = M + 2;
-  U t[M * n];  // A^T x
-  for (int j = 0; j < n; ++j) output_1d<M>(x + j, n, t + j, n);
-  for (int i = 0; i < M; ++i) output_1d<M>(t + n * i, 1, y + M * i, 1);
-}
-
-// G g G^T for one 3x3 kernel g, both row-major.
-template <int M>
-inline void weight_transform(const double* g, double* u) {
-  constexpr int n = M + 2;
-  double t[n * 3];  // G g
-  for (int j = 0; j < 3; ++j) weight_1d<M>(g + j, 3, t + j, 3);
-  for (int i = 0; i < n; ++i) weight_1d<M>(t + 3 * i, 1, u + n * i, 1);
+// A 2-D transform T x T^T of a row-major In x In block x into the Out x Out block y,
+// from its 1-D form f(in, in_stride, out, out_stride) (In -> Out elements): down every
+// column, then along every row. B^T d B, A^T m A and G g G^T are each this.
+template <int In, int Out, typename U, typename F>
+inline void transform_2d(const F& f, const U* x, U* y) {
+  U t[Out * In];  // T x
+  for (int j = 0; j < In; ++j) f(x + j, In, t + j, In);
+  for (int i = 0; i < Out; ++i) f(t + In * i, 1, y + Out * i, 1);
 }
 
 // Tile t of a batch of (ceil(H/m) x ceil(W/m)) tile grids: image, top-left output pixel.
@@ -128,7 +110,7 @@ void weights_for(const T* w, int64_t c_in, int64_t cols, T* u) {
       for (int64_t j = 0; j < cols; ++j) {
         double g[9], t[n * n];
         for (int tap = 0; tap < 9; ++tap) g[tap] = w[(tap * c_in + c) * cols + j];
-        weight_transform<M>(g, t);
+        transform_2d<3, n>([](auto... a) { weight_1d<M>(a...); }, g, t);
         for (int xi = 0; xi < n * n; ++xi)
           u[(xi * c_in + c) * cols + j] = static_cast<T>(t[xi]);
       }
@@ -165,7 +147,7 @@ void tile_block(const ConvBranch<T>& br, int64_t tile0, int64_t col_begin,
           d[n * i + j] = load<U>(corner + (i * map.width + j) * c_in + c);
           p += d[n * i + j] - d[n * i + j];
         }
-      input_transform<M>(d, vt);
+      transform_2d<n, n>([](auto... a) { input_1d<M>(a...); }, d, vt);
       for (int xi = 0; xi < n * n; ++xi)
         store(v + (xi * kWinogradTiles + t) * c_in + c, vt[xi]);
       probe += lane_sum<T>(p);
@@ -194,7 +176,7 @@ void tile_block(const ConvBranch<T>& br, int64_t tile0, int64_t col_begin,
       U mt[n * n], y[M * M];
       for (int xi = 0; xi < n * n; ++xi)
         mt[xi] = load<U>(m + (xi * kWinogradTiles + t) * cols + j);
-      output_transform<M>(mt, y);
+      transform_2d<n, M>([](auto... a) { output_1d<M>(a...); }, mt, y);
       const U b = load<U>(bias + j);
       for (int dy = 0; dy < M && o.y + dy < shape.height; ++dy) {
         for (int dx = 0; dx < M && o.x + dx < shape.width; ++dx) {
