@@ -183,7 +183,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<std::vector<at::Tensor>, const std::vector<int64_t>&>(),
            pybind11::arg("tensors"), pybind11::arg("ints"))
       .def("forward", &inception_cpu::Program::forward, pybind11::arg("x"),
-           pybind11::call_guard<pybind11::gil_scoped_release>());
+           pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("profile", &inception_cpu::Program::profile,
+           "One forward of x: the milliseconds each op took, in order",
+           pybind11::arg("x"), pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("cpu_runs", &inception_cpu::cpu_runs,
         "Whether this CPU runs the 'avx2' or 'avx512' build", pybind11::arg("isa"));
   m.def("vector_bits", [] { return 8 * inception_cpu::kVectorBytes; },

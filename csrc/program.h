@@ -38,6 +38,8 @@ class Program {
 
   Program(std::vector<at::Tensor> tensors, const std::vector<int64_t>& ints);
   at::Tensor forward(const at::Tensor& x);
+  // The milliseconds each op of one forward of x took (the ops run as in forward).
+  std::vector<double> profile(const at::Tensor& x);
 
  private:
   struct Map {
@@ -63,9 +65,10 @@ class Program {
   int64_t winograd_tile(const Branch& b) const;
   Layout layout(const at::Tensor& x) const;
   template <typename T>
-  at::Tensor run(const at::Tensor& x);
+  at::Tensor run(const at::Tensor& x, std::vector<double>* op_ms);
+  at::Tensor dispatch(const at::Tensor& x, std::vector<double>* op_ms);
 
-  std::vector<at::Tensor> tensors_;
+  std::vector<at::Tensor> tensors_;  // views of one arena
   std::vector<Map> maps_;
   std::vector<Op> ops_;
   at::ScalarType dtype_;

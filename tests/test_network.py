@@ -322,6 +322,32 @@ def test_stem_and_head_layers_alone(winograd, size):
         close(plan.forward(x), expected)
 
 
+def test_profile_times_each_op_of_a_forward():
+    """profile() runs the ops as forward() does and times each: input, conv1, pool,
+    conv2, conv3, pool, the head."""
+    model = torchvision_googlenet()
+    plan = stem_program(model, torch.nn.Linear(192, 7))
+    x = torch.randn(1, 3, 40, 40)
+    op_ms = plan.profile(x)
+    assert len(op_ms) == 7 and all(t >= 0 for t in op_ms)
+    close(plan.forward(x), plan.forward(x.clone()))
+
+
+def test_program_copies_its_weights():
+    """A program keeps its own copy of what it was built from: later in-place changes
+    to those tensors do not reach it (the module plans rebuild on a weight's version)."""
+    model = torchvision_googlenet()
+    builder = ProgramBuilder(3)
+    builder.conv(model.conv1)
+    tensors, ints = builder.finish().encode(torch.float32)
+    plan = load_extension().Program(tensors, ints)
+    x = torch.randn(1, 3, 20, 20)
+    before = plan.forward(x)
+    for t in tensors:
+        t.fill_(float("nan"))
+    torch.testing.assert_close(plan.forward(x), before, rtol=0, atol=0)
+
+
 def test_one_block_with_pool_after_it():
     """A block's output, then a 2x2/2 ceil-mode pool (maxpool4) on an odd map."""
     model = fuse_googlenet(torchvision_googlenet())
