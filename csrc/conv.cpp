@@ -53,6 +53,9 @@ void pool_tile(const ConvBranch<T>& br, int64_t m0, int64_t rows, T* pooled) {
   });
 }
 
+// Tasks a Winograd branch's columns are split into, per thread, at the least.
+constexpr int64_t kTasksPerThread = 4;
+
 template <typename T>
 bool pads(const ConvBranch<T>& br) {
   return br.pad_h > 0 || br.pad_w > 0;
@@ -118,10 +121,21 @@ void conv_step(const ConvBranch<T>* branches, int64_t count) {
     for (const ConvBranch<T>* br = branches; br != end; ++br)
       if (!br->winograd && first < br->out_shape.pixels())
         chunks(br, first, br->pool != Pool::kNone);
+  // A Winograd task transforms its tiles' inputs once for all its columns: as many
+  // columns as still leave every thread kTasksPerThread tasks to balance.
+  const int64_t min_tasks = kTasksPerThread * at::get_num_threads();
   for (const ConvBranch<T>* br = branches; br != end; ++br) {
     if (!br->winograd) continue;
-    const int64_t tiles = winograd_tiles(br->out_shape, br->winograd_tile);
-    for (int64_t first = 0; first < tiles; first += kWinogradTiles) chunks(br, first, false);
+    const int64_t blocks = ceil_div(winograd_tiles(br->out_shape, br->winograd_tile),
+                                    kWinogradTiles);
+    const int64_t n_chunks = ceil_div(br->weights.cols, chunk_cols<T>());
+    const int64_t groups = std::min(ceil_div(min_tasks, blocks), n_chunks);
+    const auto group_col = [&](int64_t g) {
+      return std::min(br->weights.cols, g * n_chunks / groups * chunk_cols<T>());
+    };
+    for (int64_t block = 0; block < blocks; ++block)
+      for (int64_t g = 0; g < groups; ++g)
+        tasks.push_back({br, block * kWinogradTiles, group_col(g), group_col(g + 1)});
   }
 
   const int64_t pool_size = kBlockRows * pool_channels;

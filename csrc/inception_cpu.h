@@ -201,7 +201,8 @@ template <typename T>
 void winograd_weights(const T* w, int64_t c_in, int64_t cols, int64_t m, T* u);
 
 // Output channels [col_begin, col_end) of the tiles tile0 ... tile0 + kWinogradTiles - 1
-// of a 3x3 branch. buffer: a thread's winograd_buffer_size scratch.
+// of a 3x3 branch, col_begin a multiple of chunk_cols: the inputs are transformed once,
+// then multiplied a chunk at a time. buffer: a thread's winograd_buffer_size scratch.
 template <typename T>
 void winograd_tile_block(const ConvBranch<T>& branch, int64_t tile0, int64_t col_begin,
                          int64_t col_end, T* buffer);

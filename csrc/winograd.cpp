@@ -125,10 +125,12 @@ void tile_block(const ConvBranch<T>& br, int64_t tile0, int64_t col_begin,
   static_assert(M * M <= kWinogradTiles, "a tile's pixels fit the fallback's rows");
   const Shape& shape = br.out_shape;
   const PaddedMap<T>& map = br.input;
-  const int64_t c_in = map.channels, cols = col_end - col_begin;
+  const int64_t c_in = map.channels;
   const int64_t tiles = std::min(kWinogradTiles, winograd_tiles(shape, M) - tile0);
-  T* v = buffer;                                  // [n^2][kWinogradTiles][c_in]
-  T* m = buffer + n * n * kWinogradTiles * c_in;  // [n^2][kWinogradTiles][cols]
+  // Tile-major ([tile][xi][...]): a tile's transforms read and write one contiguous
+  // block, and the GEMMs address their rows through pointers anyway.
+  T* v = buffer;                                  // [kWinogradTiles][n^2][c_in]
+  T* m = buffer + n * n * kWinogradTiles * c_in;  // [kWinogradTiles][n^2][chunk]
 
   // Tiles whose input holds an inf or NaN: the transforms' sums and differences would
   // turn one inf into NaN over the whole m x m block, so those take the direct conv
@@ -149,7 +151,7 @@ void tile_block(const ConvBranch<T>& br, int64_t tile0, int64_t col_begin,
         }
       transform_2d<n, n>([](auto... a) { input_1d<M>(a...); }, d, vt);
       for (int xi = 0; xi < n * n; ++xi)
-        store(v + (xi * kWinogradTiles + t) * c_in + c, vt[xi]);
+        store(v + (t * n * n + xi) * c_in + c, vt[xi]);
       probe += lane_sum<T>(p);
     });
     if (probe != 0) nonfinite[n_nonfinite++] = t;
@@ -159,32 +161,36 @@ void tile_block(const ConvBranch<T>& br, int64_t tile0, int64_t col_begin,
   T* c_rows[kWinogradTiles];
   const KLayout one_run{1, c_in, 0};
   const int64_t ldb = br.weights.ldb;
-  for (int64_t xi = 0; xi < n * n; ++xi) {
-    for (int64_t t = 0; t < tiles; ++t) {
-      a_rows[t] = v + (xi * kWinogradTiles + t) * c_in;
-      c_rows[t] = m + (xi * kWinogradTiles + t) * cols;
-    }
-    gemm<T>(tiles, a_rows, one_run, br.winograd + xi * c_in * ldb + col_begin, ldb,
-            nullptr, c_rows, 0, cols);
-  }
-
-  const T* bias = br.weights.bias + col_begin;
-  for (int64_t t = 0; t < tiles; ++t) {
-    const TileOrigin o = tile_origin<M>(shape, tile0 + t);
-    for_each_lane_group<T>(cols, [&](auto lanes, int64_t j) {
-      using U = decltype(lanes);
-      U mt[n * n], y[M * M];
-      for (int xi = 0; xi < n * n; ++xi)
-        mt[xi] = load<U>(m + (xi * kWinogradTiles + t) * cols + j);
-      transform_2d<n, M>([](auto... a) { output_1d<M>(a...); }, mt, y);
-      const U b = load<U>(bias + j);
-      for (int dy = 0; dy < M && o.y + dy < shape.height; ++dy) {
-        for (int dx = 0; dx < M && o.x + dx < shape.width; ++dx) {
-          store(br.out.pixel(o.n, o.y + dy, o.x + dx) + col_begin + j,
-                relu(y[M * dy + dx] + b));
-        }
+  // The products of one chunk of columns at a time (m holds one), every chunk reading
+  // the input tiles transformed once above.
+  for (int64_t j0 = col_begin; j0 < col_end; j0 += chunk_cols<T>()) {
+    const int64_t cols = std::min(chunk_cols<T>(), col_end - j0);
+    for (int64_t xi = 0; xi < n * n; ++xi) {
+      for (int64_t t = 0; t < tiles; ++t) {
+        a_rows[t] = v + (t * n * n + xi) * c_in;
+        c_rows[t] = m + (t * n * n + xi) * cols;
       }
-    });
+      gemm<T>(tiles, a_rows, one_run, br.winograd + xi * c_in * ldb + j0, ldb, nullptr,
+              c_rows, 0, cols);
+    }
+    const T* bias = br.weights.bias + j0;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const TileOrigin o = tile_origin<M>(shape, tile0 + t);
+      for_each_lane_group<T>(cols, [&](auto lanes, int64_t j) {
+        using U = decltype(lanes);
+        U mt[n * n], y[M * M];
+        for (int xi = 0; xi < n * n; ++xi)
+          mt[xi] = load<U>(m + (t * n * n + xi) * cols + j);
+        transform_2d<n, M>([](auto... a) { output_1d<M>(a...); }, mt, y);
+        const U b = load<U>(bias + j);
+        for (int dy = 0; dy < M && o.y + dy < shape.height; ++dy) {
+          for (int dx = 0; dx < M && o.x + dx < shape.width; ++dx) {
+            store(br.out.pixel(o.n, o.y + dy, o.x + dx) + j0 + j,
+                  relu(y[M * dy + dx] + b));
+          }
+        }
+      });
+    }
   }
 
   // The non-finite tiles again, as conv_step's implicit GEMM (overwriting).

@@ -195,6 +195,27 @@ def test_nonfinite_input_takes_the_direct_conv(m, value, where):
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4, equal_nan=True)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m", [2, 4])
+def test_tasks_of_several_column_chunks(m, threads):
+    """A task transforms its tiles once for several 64-column chunks (all 4 of 200
+    columns on one thread; two tasks of 2 on two), the last chunk partial, one tile's
+    input NaN: every chunk of every tile as the reference."""
+    x, weight, bias = conv_case((2, 16, 30, 30), 200, 1, 1.0)
+    x[1, 5, 13, 17] = float("nan")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = conv_program(weight, bias, 1, m).forward(x)
+    finally:
+        torch.set_num_threads(before)
+    expected = reference(x, weight, bias, 1)
+    assert torch.equal(out.isnan(), expected.isnan()) and out.isnan().any()
+    finite = ~expected.isnan()
+    err = (out.double() - expected).abs()[finite]
+    assert (err <= error_bound(x.nan_to_num(), weight, bias, 1, m)[finite]).all()
+
+
 @pytest.mark.parametrize("m", [2, 4])
 def test_weights_shape(m):
     w = torch.randn(9 * 5, 7)
