@@ -25,6 +25,11 @@ void check_weight(const at::Tensor& t, const char* name, const at::Tensor& x,
               t.scalar_type(), " on ", t.device());
 }
 
+// The m of a 3x3 branch's Winograd weights u (0 when they fit no m), 1 without them.
+int64_t winograd_tile(const std::optional<at::Tensor>& u, const at::Tensor& w) {
+  return u.has_value() ? winograd_tile_of(u->size(0), w.size(0) / 9) : 1;
+}
+
 at::Tensor eval_forward(const at::Tensor& x_in, const at::Tensor& stem_w,
                         const at::Tensor& stem_b, const at::Tensor& pool_w,
                         const at::Tensor& pool_b, const at::Tensor& w3,
@@ -56,7 +61,7 @@ at::Tensor eval_forward(const at::Tensor& x_in, const at::Tensor& stem_w,
         std::tuple{&winograd_w5, &w5, k5, "winograd_w5"}}) {
     if (!u->has_value()) continue;
     check_weight(**u, name, x_in, 2);
-    TORCH_CHECK(k == 3 && winograd_tile_of((*u)->size(0), w->size(0) / 9) > 0 &&
+    TORCH_CHECK(k == 3 && winograd_tile(*u, *w) > 0 &&
                     (*u)->size(1) == w->size(1),
                 "inception_fused CPU backend: ", name,
                 " must be winograd_weights() of a 3x3 branch's weights");
@@ -81,15 +86,12 @@ at::Tensor eval_forward(const at::Tensor& x_in, const at::Tensor& stem_w,
     const auto ptr = [](const std::optional<at::Tensor>& t) {
       return t.has_value() ? t->data_ptr<T>() : nullptr;
     };
-    const auto tile = [](const std::optional<at::Tensor>& u, const at::Tensor& w) {
-      return u.has_value() ? winograd_tile_of(u->size(0), w.size(0) / 9) : 1;
-    };
     const InceptionBlock<T> block{
         c_in, c1, r3, r5, c3, c5, c_pool, k3, k5,
         stem_w.data_ptr<T>(), stem_b.data_ptr<T>(), pool_w.data_ptr<T>(),
         pool_b.data_ptr<T>(), w3.data_ptr<T>(), b3.data_ptr<T>(), w5.data_ptr<T>(),
-        b5.data_ptr<T>(), ptr(winograd_w3), ptr(winograd_w5), tile(winograd_w3, w3),
-        tile(winograd_w5, w5)};
+        b5.data_ptr<T>(), ptr(winograd_w3), ptr(winograd_w5),
+        winograd_tile(winograd_w3, w3), winograd_tile(winograd_w5, w5)};
     out = at::empty({shape.batch, block.c_out(), shape.height, shape.width},
                     x.options().memory_format(at::MemoryFormat::ChannelsLast));
     const at::Tensor red3 = at::empty({block.map3(shape)}, x.options());

@@ -185,9 +185,10 @@ inline void micro_tile(const T* const* a_rows, const KLayout& kl, const T* b,
     for (int i = 0; i < MR; ++i) a[i] = a_rows[i] + s * kl.a_seg_stride;
     const T* b_row = b + s * kl.seg_len * ldb + j;
     for (int64_t k = 0; k < kl.seg_len; ++k, b_row += ldb) {
-      // The first row tile of a panel streams B from memory (the weights of a batch-1
-      // forward are cold), row by row ldb apart: asked for kPrefetchRows ahead, they
-      // arrive while this row multiplies. Past B's end the hint is dropped harmlessly.
+      // A panel's first row tile streams B from memory (a batch-1 forward's weights are
+      // cold), row by row ldb apart: asked for kPrefetchRows ahead, they arrive while
+      // this row multiplies (later row tiles find them cached; their hints cost an
+      // issue slot). Past B's end the hint is dropped harmlessly.
       const T* ahead = b_row + kPrefetchRows * ldb;
       __builtin_prefetch(ahead);
       if constexpr (NV * W * sizeof(T) > 64) __builtin_prefetch(ahead + 64 / sizeof(T));

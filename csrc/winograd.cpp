@@ -16,9 +16,9 @@ namespace inception_cpu {
 namespace {
 
 // The 1-D transforms of F(m, 3): input i at [i * s], output i at [i * so] (1 along a
-// row, n down a column), written once for U = T and U = a SIMD vector of T (channels). F(2, 3) interpolates at
-// 0, 1, -1 and infinity, F(4, 3) at 0, 1, -1, 2, -2 and infinity: B^T, G, A^T as in
-// Lavin & Gray, with the common subexpressions taken out.
+// row, n down a column), written once for U = T and U = a SIMD vector of T (channels).
+// F(2, 3) interpolates at 0, 1, -1 and infinity, F(4, 3) at 0, 1, -1, 2, -2 and
+// infinity: B^T, G, A^T as in Lavin & Gray, with the common subexpressions taken out.
 // B^T d: n inputs -> n transformed.
 template <int M, typename U>
 inline void input_1d(const U* d, int s, U* v, int so) {
