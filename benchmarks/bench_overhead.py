@@ -168,19 +168,19 @@ def launches_stubbed() -> Iterator[None]:
     """Every ``kernel[grid](...)`` and the C++ entry become no-ops."""
     interface = triton.runtime.jit.KernelInterface
     getitem = interface.__getitem__
-    ext = load_extension()
-    cpp_entry = ext.eval_forward
+    program = load_extension().Program
+    cpp_entry = program.forward
 
-    def cpp_stub(x: torch.Tensor, *args: object) -> torch.Tensor:
+    def cpp_stub(self: object, x: torch.Tensor) -> torch.Tensor:
         return x.new_empty(0)  # one allocation, as the real entry's output
 
     interface.__getitem__ = lambda self, grid: LaunchCounter.stub
-    ext.eval_forward = cpp_stub
+    program.forward = cpp_stub
     try:
         yield
     finally:
         interface.__getitem__ = getitem
-        ext.eval_forward = cpp_entry
+        program.forward = cpp_entry
 
 
 # Their C++ "meta" kernel is a composite that does not run on meta tensors.

@@ -74,7 +74,7 @@ void redo_nonfinite_border_pixel(const ConvBranch<T>& br, int64_t n, int64_t h,
   for (int64_t col = col_begin; col < col_end; ++col)
     finite &= out[col] - out[col] == 0;  // false for inf and NaN
   if (finite) return;
-  const int64_t c_in = br.input.channels, ldb = br.weights.ldb;
+  const int64_t c_in = br.input.channels, rows = br.kh * br.kw * c_in;
   const T* corner = br.window(n, h, w);
   for (int64_t col = col_begin; col < col_end; ++col) {
     T acc = 0;
@@ -82,8 +82,9 @@ void redo_nonfinite_border_pixel(const ConvBranch<T>& br, int64_t n, int64_t h,
       for (int64_t kx = std::max(-w0, int64_t(0)); kx < std::min(br.kw, in.width - w0);
            ++kx) {
         const T* a = corner + (ky * br.input.width + kx) * c_in;
-        const T* b = br.weights.w + (ky * br.kw + kx) * c_in * ldb + col;
-        for (int64_t c = 0; c < c_in; ++c) acc += a[c] * b[c * ldb];
+        const int64_t row = (ky * br.kw + kx) * c_in;
+        for (int64_t c = 0; c < c_in; ++c)
+          acc += a[c] * packed_at(br.weights.w, rows, br.weights.cols, row + c, col);
       }
     }
     out[col] = relu(acc + br.weights.bias[col]);
@@ -165,8 +166,8 @@ void conv_step(const ConvBranch<T>* branches, int64_t count) {
                      if (br.pool == Pool::kNone) a_rows[i] = br.window(n, h, w);
                      c_rows[i] = br.out.pixel(n, h, w);
                    });
-    gemm(rows, a_rows, layout, br.weights.w, br.weights.ldb, br.weights.bias, c_rows,
-         task.begin, task.end);
+    gemm(rows, a_rows, layout, br.weights.w, br.weights.bias, c_rows, task.begin,
+         task.end);
     if (pads(br))
       for_each_pixel(br.out_shape, task.first, rows,
                      [&](int64_t, int64_t n, int64_t h, int64_t w) {

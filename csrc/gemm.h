@@ -8,9 +8,12 @@
 // im2col matrix. C is also addressed per row, so results land straight in a channel
 // slice of the channels_last output or inside a zero-bordered scratch map.
 //
-// B (packed weights, [K, ncols] row-major with leading dimension ldb) is read in place:
-// the weights are already stored output-channel-contiguous, which is the layout a
-// broadcast-A / vector-B micro-kernel wants.
+// B (the weights, [K, cols]) is packed once, when a Program is built, into column panels
+// as wide as a micro-tile (pack_panels): a tile's B strip is then K consecutive cache
+// lines. Read in place from a row-major [K, cols] matrix, a strip is K lines a row
+// stride apart, and the common strides (cols = 384, 1152: multiples of 8 lines) map
+// them onto 1/8 of the L2's sets: a 1280- or 2048-row strip does not stay in L2 for the
+// next row tile and comes back from L3 or memory each time (1.7-2.3x slower).
 #pragma once
 
 #include <algorithm>
@@ -167,34 +170,73 @@ constexpr int kTileVecs = 2;
 // ns) over a row's time (a few ns). 8 to 32 measured alike; 0 was 6-8% slower at batch 1.
 constexpr int64_t kPrefetchRows = 16;
 
-// One MR x (NV * width) tile of C at column j; with Edge, its last vector covers only
-// the `lanes` columns left of the row (masked loads and stores).
+// B packed for gemm: column panels in the order gemm walks them (kTileVecs vectors wide
+// while a whole panel fits, then one vector wide, the last one zero-padded to a whole
+// vector), each [K, panel width] contiguous; the panel at column j starts at j * K. A
+// panel-aligned column (a multiple of kPanelCols) starts a packed matrix of its own.
+template <typename T>
+constexpr int64_t kPanelCols = kTileVecs * Simd<T>::width;
+
+template <typename T>
+int64_t panel_cols(int64_t j, int64_t cols) {
+  return j + kPanelCols<T> <= cols ? kPanelCols<T> : Simd<T>::width;
+}
+
+// Elements of [K, cols] packed.
+template <typename T>
+int64_t packed_size(int64_t k, int64_t cols) {
+  constexpr int64_t W = Simd<T>::width;
+  return k * ((cols + W - 1) / W * W);
+}
+
+// out (packed_size elements) = the panels of w [K, cols], row stride ldw.
+template <typename T>
+void pack_panels(const T* w, int64_t k, int64_t ldw, int64_t cols, T* out) {
+  for (int64_t j = 0; j < cols; j += panel_cols<T>(j, cols)) {
+    const int64_t width = panel_cols<T>(j, cols), real = std::min(width, cols - j);
+    T* panel = out + j * k;
+    for (int64_t row = 0; row < k; ++row) {
+      std::copy_n(w + row * ldw + j, real, panel + row * width);
+      std::fill(panel + row * width + real, panel + (row + 1) * width, T(0));
+    }
+  }
+}
+
+// B[row, col] of a packed [K, cols].
+template <typename T>
+T packed_at(const T* b, int64_t k, int64_t cols, int64_t row, int64_t col) {
+  const int64_t full = cols / kPanelCols<T> * kPanelCols<T>;  // columns in wide panels
+  const int64_t width = col < full ? kPanelCols<T> : Simd<T>::width;
+  const int64_t j = col < full ? col - col % width : full + (col - full) / width * width;
+  return b[j * k + row * width + col - j];
+}
+
+// One MR x (NV * width) tile of C at column j from the panel b ([K, NV * width]); with
+// Edge, its last vector covers only the `lanes` columns left of the row (masked bias
+// loads and stores; the panel's padding is zeros).
 template <typename T, int MR, int NV, bool Edge>
 inline void micro_tile(const T* const* a_rows, const KLayout& kl, const T* b,
-                       int64_t ldb, const T* bias, T* const* c_rows, int64_t j,
-                       int lanes) {
+                       const T* bias, T* const* c_rows, int64_t j, int lanes) {
   using V = typename Simd<T>::type;
   constexpr int W = Simd<T>::width;
-  const auto load_b = [&](const T* p, int v) {
-    return Edge && v == NV - 1 ? load_first(p, lanes) : load<V>(p);
-  };
+  constexpr int64_t ldb = NV * W;
   V acc[MR][NV] = {};
   for (int64_t s = 0; s < kl.segments; ++s) {
     const T* a[MR];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) a[i] = a_rows[i] + s * kl.a_seg_stride;
-    const T* b_row = b + s * kl.seg_len * ldb + j;
+    const T* b_row = b + s * kl.seg_len * ldb;
     for (int64_t k = 0; k < kl.seg_len; ++k, b_row += ldb) {
       // A panel's first row tile streams B from memory (a batch-1 forward's weights are
-      // cold), row by row ldb apart: asked for kPrefetchRows ahead, they arrive while
-      // this row multiplies (later row tiles find them cached; their hints cost an
-      // issue slot). Past B's end the hint is dropped harmlessly.
+      // cold): asked for kPrefetchRows ahead, they arrive while this row multiplies
+      // (later row tiles find them cached; their hints cost an issue slot). Past B's
+      // end the hint is dropped harmlessly.
       const T* ahead = b_row + kPrefetchRows * ldb;
       __builtin_prefetch(ahead);
-      if constexpr (NV * W * sizeof(T) > 64) __builtin_prefetch(ahead + 64 / sizeof(T));
+      if constexpr (ldb * sizeof(T) > 64) __builtin_prefetch(ahead + 64 / sizeof(T));
       V bv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) bv[v] = load_b(b_row + v * W, v);
+      for (int v = 0; v < NV; ++v) bv[v] = load<V>(b_row + v * W);
 #pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) {
         const T ai = a[i][k];
@@ -205,11 +247,16 @@ inline void micro_tile(const T* const* a_rows, const KLayout& kl, const T* b,
   }
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
-    const V bias_v = bias ? load_b(bias + j + v * W, v) : V{};
+    const bool edge = Edge && v == NV - 1;
+    V bias_v{};
+    if (bias) {
+      const T* bias_j = bias + j + v * W;
+      bias_v = edge ? load_first(bias_j, lanes) : load<V>(bias_j);
+    }
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const V r = bias ? relu(acc[i][v] + bias_v) : acc[i][v];
-      if (Edge && v == NV - 1)
+      if (edge)
         store_first(c_rows[i] + j + v * W, r, lanes);
       else
         store(c_rows[i] + j + v * W, r);
@@ -220,42 +267,42 @@ inline void micro_tile(const T* const* a_rows, const KLayout& kl, const T* b,
 // A full-height tile (MR = kTileRows) or the block's last, shorter one (mr < MR).
 template <typename T, int NV, bool Edge, int MR = kTileRows>
 inline void row_tile(int64_t mr, const T* const* a_rows, const KLayout& kl, const T* b,
-                     int64_t ldb, const T* bias, T* const* c_rows, int64_t j,
-                     int lanes) {
+                     const T* bias, T* const* c_rows, int64_t j, int lanes) {
   if constexpr (MR > 1) {
     if (mr < MR) {
-      row_tile<T, NV, Edge, MR - 1>(mr, a_rows, kl, b, ldb, bias, c_rows, j, lanes);
+      row_tile<T, NV, Edge, MR - 1>(mr, a_rows, kl, b, bias, c_rows, j, lanes);
       return;
     }
   }
-  micro_tile<T, MR, NV, Edge>(a_rows, kl, b, ldb, bias, c_rows, j, lanes);
+  micro_tile<T, MR, NV, Edge>(a_rows, kl, b, bias, c_rows, j, lanes);
 }
 
 // The tiles of one column panel [j, j + NV * width), its last vector `lanes` wide.
 template <typename T, int NV, bool Edge>
 inline void panel(int64_t rows, const T* const* a_rows, const KLayout& kl, const T* b,
-                  int64_t ldb, const T* bias, T* const* c_rows, int64_t j, int lanes) {
+                  const T* bias, T* const* c_rows, int64_t j, int lanes) {
   for (int64_t i = 0; i < rows; i += kTileRows)
     row_tile<T, NV, Edge>(std::min<int64_t>(kTileRows, rows - i), a_rows + i, kl, b,
-                          ldb, bias, c_rows + i, j, lanes);
+                          bias, c_rows + i, j, lanes);
 }
 
 // C[:, col_begin:col_end] = relu(A @ B[:, col_begin:col_end] + bias) for `rows` rows
-// (without bias and ReLU when bias is null).
+// (without bias and ReLU when bias is null), B packed (pack_panels). col_begin is a
+// multiple of kPanelCols, col_end one too or B's last column.
 // Column panels outermost, so one B panel is reused by every row tile of the block
 // while it sits in L1/L2. Columns past a multiple of the width: one masked vector.
 template <typename T>
 void gemm(int64_t rows, const T* const* a_rows, const KLayout& kl, const T* b,
-          int64_t ldb, const T* bias, T* const* c_rows, int64_t col_begin,
-          int64_t col_end) {
+          const T* bias, T* const* c_rows, int64_t col_begin, int64_t col_end) {
   constexpr int W = Simd<T>::width;
+  const int64_t k = kl.segments * kl.seg_len;
   int64_t j = col_begin;
-  for (; j + kTileVecs * W <= col_end; j += kTileVecs * W)
-    panel<T, kTileVecs, false>(rows, a_rows, kl, b, ldb, bias, c_rows, j, W);
+  for (; j + kPanelCols<T> <= col_end; j += kPanelCols<T>)
+    panel<T, kTileVecs, false>(rows, a_rows, kl, b + j * k, bias, c_rows, j, W);
   for (; j + W <= col_end; j += W)
-    panel<T, 1, false>(rows, a_rows, kl, b, ldb, bias, c_rows, j, W);
+    panel<T, 1, false>(rows, a_rows, kl, b + j * k, bias, c_rows, j, W);
   if (j < col_end)
-    panel<T, 1, true>(rows, a_rows, kl, b, ldb, bias, c_rows, j, col_end - j);
+    panel<T, 1, true>(rows, a_rows, kl, b + j * k, bias, c_rows, j, col_end - j);
 }
 
 }  // namespace inception_cpu

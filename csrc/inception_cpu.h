@@ -7,10 +7,9 @@
 //   winograd.cpp   Winograd F(2x2, 3x3) and F(4x4, 3x3) for 3x3 stride-1 branches
 //   gemm.h         the register-blocked GEMM + bias + ReLU every step runs
 //   layers.cpp     input load, max pools, the average-pool + FC head
-//   inception.cpp  one GoogLeNet block: two steps over caller-provided buffers
 //   program.cpp    a whole Inception network (GoogLeNet, Inception-v3, the FID
 //                  models) or a run of its layers as one call: a Program of steps
-//   bindings.cpp   checks, allocation, the Python entry points
+//   bindings.cpp   the Python entry points
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -29,12 +28,11 @@ struct Shape {
   int64_t pixels() const { return batch * height * width; }
 };
 
-// A GEMM's right-hand side: packed weights [K, cols] with row stride ldb (a column
-// range of a wider matrix when ldb > cols) and their bias.
+// A GEMM's right-hand side: weights [K, cols] in gemm's panels (pack_panels) and
+// their bias.
 template <typename T>
 struct Weights {
   const T* w;
-  int64_t ldb;
   const T* bias;
   int64_t cols;
 };
@@ -137,8 +135,8 @@ struct ConvBranch {
   Shape in_shape;      // the input's interior
   int64_t kh, kw, stride, pad_h, pad_w;
   Pool pool;  // kh = kw = 1 when set
-  Weights<T> weights;  // packed [kh * kw * C_in, cols] (a column range when ldb > cols)
-  const T* winograd;   // winograd_weights of `weights`, or null
+  Weights<T> weights;  // [kh * kw * C_in, cols] in panels
+  const T* winograd;   // winograd_weights of `weights`, each xi's [C_in, cols] in panels
   int64_t winograd_tile;  // their m (the output tile side) when set
   Shape out_shape;
   PaddedMap<T> out;
@@ -231,37 +229,10 @@ template <typename T>
 void max_pool(const PaddedMap<T>& in, const Shape& in_shape, int64_t kernel,
               int64_t stride, const Shape& out_shape, const PaddedMap<T>& out);
 
-// features [N, C] = the average over the interior of `in`; then, when fc_w (packed
-// [C, classes]) is given, logits [N, classes] = features @ fc_w + fc_b.
+// features [N, C] = the average over the interior of `in`; then, when fc_w ([C, classes]
+// in panels) is given, logits [N, classes] = features @ fc_w + fc_b.
 template <typename T>
 void average_head(const PaddedMap<T>& in, const Shape& shape, T* features,
                   const T* fc_w, const T* fc_b, int64_t classes, T* logits);
-
-// One GoogLeNet Inception block's folded, packed weights (folding.py's FoldedInception).
-template <typename T>
-struct InceptionBlock {
-  int64_t c_in, c1, r3, r5, c3, c5, c_pool, k3, k5;
-  const T *stem_w, *stem_b, *pool_w, *pool_b, *w3, *b3, *w5, *b5;
-  const T *winograd3, *winograd5;  // winograd_weights of w3 / w5, or null
-  int64_t tile3, tile5;             // their m, 1 for direct convs
-
-  int64_t c_out() const { return c1 + c3 + c5 + c_pool; }
-  // Elements of the zero-bordered reduce maps the k3 / k5 convs read over `shape`: a
-  // k / 2 border around whole tiles of outputs.
-  int64_t map_elements(const Shape& s, int64_t k, int64_t channels, int64_t tile) const {
-    const int64_t pad = k / 2;
-    return s.batch * (round_up(s.height, tile) + 2 * pad) *
-           (round_up(s.width, tile) + 2 * pad) * channels;
-  }
-  int64_t map3(const Shape& s) const { return map_elements(s, k3, r3, tile3); }
-  int64_t map5(const Shape& s) const { return map_elements(s, k5, r5, tile5); }
-};
-
-// The block's eval forward: x NHWC [shape, c_in] -> out NHWC [shape, c_out], with
-// red3 / red5 scratch of map3 / map5 elements (inception.cpp): step 1 reads x (branch 1,
-// the reduces, the pool branch with its max taken while loading), step 2 the 3x3 / 5x5.
-template <typename T>
-void inception_forward(const InceptionBlock<T>& block, const T* x, const Shape& shape,
-                       T* out, T* red3, T* red5);
 
 }  // namespace inception_cpu

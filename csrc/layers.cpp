@@ -90,8 +90,8 @@ void average_head(const PaddedMap<T>& in, const Shape& s, T* features, const T* 
       a_rows[i] = features + (m0 + i) * c;
       c_rows[i] = logits + (m0 + i) * classes;
     }
-    gemm(rows, a_rows, {1, c, 0}, fc_w, classes, static_cast<const T*>(nullptr), c_rows,
-         col, std::min(classes, col + chunk_cols<T>()));
+    gemm(rows, a_rows, {1, c, 0}, fc_w, static_cast<const T*>(nullptr), c_rows, col,
+         std::min(classes, col + chunk_cols<T>()));
   });
   for (int64_t n = 0; n < s.batch; ++n)
     for (int64_t j = 0; j < classes; ++j) logits[n * classes + j] += fc_b[j];

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
 #include <sys/mman.h>
 
 namespace inception_cpu {
@@ -108,6 +109,7 @@ Program::Program(std::vector<at::Tensor> tensors, const std::vector<int64_t>& in
                             u.size(1) == w.size(1),
                         "Program: Winograd weights need a whole 3x3 stride-1 conv and "
                         "[(m + 2)^2 * C_in, cols] rows, m = 2 or 4");
+            b.tile = winograd_tile_of(u.size(0), src.channels);
           }
           op.branches.push_back(b);
         }
@@ -125,32 +127,21 @@ Program::Program(std::vector<at::Tensor> tensors, const std::vector<int64_t>& in
         op.src = next();
         op.weight = next();
         op.bias = next();
-        if (op.weight >= 0)
+        if (op.weight >= 0) {
           TORCH_CHECK(tensor(op.weight, 2, "the FC weight").size(0) ==
                               map(op.src).channels &&
                           tensor(op.bias, 1, "the FC bias").size(0) ==
                               tensors_[op.weight].size(1),
                       "Program: the FC does not take ", map(op.src).channels,
                       " features");
+          op.classes = tensors_[op.weight].size(1);
+        }
         TORCH_CHECK(pos == ints.size(), "Program: the head must be the last op");
         break;
       default:
         TORCH_CHECK(false, "Program: unknown op ", op.kind);
     }
     ops_.push_back(std::move(op));
-  }
-  // One arena for every tensor: a batch-1 forward streams tens of MB of weights from
-  // memory, and huge pages spare it a TLB walk every 4 KiB.
-  int64_t bytes = 0;
-  for (const at::Tensor& t : tensors_) bytes += round_up(t.nbytes(), 64);
-  const at::Tensor arena = huge_page_bytes(bytes);
-  bytes = 0;
-  for (at::Tensor& t : tensors_) {
-    at::Tensor copy =
-        arena.narrow(0, bytes, t.nbytes()).view(t.scalar_type()).view(t.sizes());
-    copy.copy_(t);
-    bytes += round_up(t.nbytes(), 64);
-    t = copy;
   }
   TORCH_CHECK(!ops_.empty() && ops_[0].kind == kInput && ops_.size() > 1,
               "Program: expected an input op and at least one more");
@@ -160,11 +151,64 @@ Program::Program(std::vector<at::Tensor> tensors, const std::vector<int64_t>& in
     TORCH_CHECK(maps_[result].slot == -1 && maps_[result].border == 0,
                 "Program: the last op must write the result map (slot -1, no border)");
   }
+  AT_DISPATCH_FLOATING_TYPES(dtype_, "inception_fused_program_pack", [&] {
+    pack<scalar_t>();
+  });
 }
 
-int64_t Program::winograd_tile(const Branch& b) const {
-  if (b.winograd < 0) return 1;
-  return winograd_tile_of(tensors_[b.winograd].size(0), maps_[b.src].channels);
+template <typename T>
+void Program::pack() {
+  // Pieces: their sizes (whole cache lines) and how each is filled, then one arena.
+  std::vector<int64_t> sizes;
+  std::vector<std::function<void(T*)>> fills;
+  const auto add = [&](int64_t elements, std::function<void(T*)> fill) {
+    sizes.push_back(round_up(elements, 64 / sizeof(T)));
+    fills.push_back(std::move(fill));
+    return static_cast<int64_t>(sizes.size()) - 1;
+  };
+  const auto copy = [&](int64_t i, int64_t begin, int64_t count) {
+    const T* from = tensors_[i].data_ptr<T>() + begin;
+    return add(count, [=](T* to) { std::copy_n(from, count, to); });
+  };
+  // Columns [begin, end) of each of `matrices` stacked [K, cols] matrices of tensor i.
+  const auto panels = [&](int64_t i, int64_t matrices, int64_t begin, int64_t end) {
+    const at::Tensor& w = tensors_[i];
+    const int64_t k = w.size(0) / matrices, ldw = w.size(1);
+    const int64_t each = packed_size<T>(k, end - begin);
+    const T* from = w.data_ptr<T>() + begin;
+    return add(matrices * each, [=](T* to) {
+      for (int64_t m = 0; m < matrices; ++m)
+        pack_panels(from + m * k * ldw, k, ldw, end - begin, to + m * each);
+    });
+  };
+  for (Op& op : ops_) {
+    if (op.kind == kInput && op.weight >= 0) op.weight = copy(op.weight, 0, 2 * c_in_);
+    if (op.kind == kHead && op.weight >= 0) {
+      op.weight = panels(op.weight, 1, 0, op.classes);
+      op.bias = copy(op.bias, 0, op.classes);
+    }
+    for (Branch& b : op.branches) {
+      const int64_t cols = b.col_end - b.col_begin, n = b.tile + 2;
+      if (b.winograd >= 0) b.winograd = panels(b.winograd, n * n, 0, cols);
+      b.weight = panels(b.weight, 1, b.col_begin, b.col_end);
+      b.bias = copy(b.bias, b.col_begin, cols);
+      b.col_begin = 0;
+      b.col_end = cols;
+    }
+  }
+  // One arena: a batch-1 forward streams tens of MB of weights from memory, and huge
+  // pages spare it a TLB walk every 4 KiB.
+  int64_t total = 0;
+  for (int64_t size : sizes) total += size;
+  const at::Tensor arena = huge_page_bytes(total * sizeof(T)).view(dtype_);
+  std::vector<at::Tensor> pieces;
+  total = 0;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    pieces.push_back(arena.narrow(0, total, sizes[i]));
+    fills[i](pieces.back().data_ptr<T>());
+    total += sizes[i];
+  }
+  tensors_ = std::move(pieces);
 }
 
 Program::Layout Program::layout(const at::Tensor& x) const {
@@ -195,7 +239,7 @@ Program::Layout Program::layout(const at::Tensor& x) const {
       const Shape out{batch, conv_size(in.height, b.kh, b.stride, b.pad_h),
                       conv_size(in.width, b.kw, b.stride, b.pad_w)};
       set(b.dst, out, i);
-      const int64_t tile = winograd_tile(b);
+      const int64_t tile = b.tile;
       reach_h[b.src] = std::max(reach_h[b.src], reach_past(in.height, out.height, b.kh,
                                                            b.stride, b.pad_h, tile));
       reach_w[b.src] = std::max(reach_w[b.src], reach_past(in.width, out.width, b.kw,
@@ -277,8 +321,7 @@ at::Tensor Program::run(const at::Tensor& x, std::vector<double>* op_ms) {
   }
   if (batch == 0) {
     if (last.kind != kHead) return result;
-    const int64_t width = last.weight >= 0 ? tensors_[last.weight].size(1)
-                                           : maps_[last.src].channels;
+    const int64_t width = last.weight >= 0 ? last.classes : maps_[last.src].channels;
     return at::empty({0, width}, x.options());
   }
   // Borders are zeroed before the first op that writes their map (slots are shared).
@@ -305,13 +348,10 @@ at::Tensor Program::run(const at::Tensor& x, std::vector<double>* op_ms) {
         branches.clear();
         for (const Branch& b : op.branches) {
           first_write(b.dst);
-          const int64_t ldb = tensors_[b.weight].size(1);
           branches.push_back(
               {maps[b.src], l.shapes[b.src], b.kh, b.kw, b.stride, b.pad_h, b.pad_w,
-               static_cast<Pool>(b.pool),
-               {ptr(b.weight) + b.col_begin, ldb, ptr(b.bias) + b.col_begin,
-                b.col_end - b.col_begin},
-               b.winograd >= 0 ? ptr(b.winograd) : nullptr, winograd_tile(b),
+               static_cast<Pool>(b.pool), {ptr(b.weight), ptr(b.bias), b.col_end},
+               b.winograd >= 0 ? ptr(b.winograd) : nullptr, b.tile,
                l.shapes[b.dst],
                maps[b.dst].slice(b.dst_channel)});
         }
@@ -331,10 +371,9 @@ at::Tensor Program::run(const at::Tensor& x, std::vector<double>* op_ms) {
           result = features;
           break;
         }
-        const int64_t classes = tensors_[op.weight].size(1);
-        result = at::empty({batch, classes}, x.options());
+        result = at::empty({batch, op.classes}, x.options());
         average_head<T>(maps[op.src], l.shapes[op.src], features.data_ptr<T>(),
-                        ptr(op.weight), ptr(op.bias), classes, result.data_ptr<T>());
+                        ptr(op.weight), ptr(op.bias), op.classes, result.data_ptr<T>());
         break;
       }
     }

@@ -48,12 +48,14 @@ class Program {
   struct Branch {
     int64_t src, dst, dst_channel, kh, kw, stride, pad_h, pad_w, pool, weight, bias,
         col_begin, col_end, winograd;
+    int64_t tile = 1;  // the side of the output tiles it computes: Winograd's m, 1
   };
   struct Op {
     Kind kind;
     std::vector<Branch> branches;  // kConv
     int64_t src = -1, dst = -1, dst_channel = 0, kernel = 0, stride = 0, ceil_mode = 0;
     int64_t weight = -1, bias = -1;  // kInput: weight = the affine; kHead: the FC
+    int64_t classes = 0;             // kHead: the FC's outputs
   };
   // The per-shape layout of every map: its interior and its bordered extent.
   struct Layout {
@@ -61,14 +63,17 @@ class Program {
     std::vector<int64_t> heights, widths;  // border included
   };
 
-  // The side of the output tiles a branch computes: Winograd's m, 1 for direct.
-  int64_t winograd_tile(const Branch& b) const;
+  // Moves what run() reads into one arena (tensors_ becomes its pieces, the ops' tensor
+  // indices theirs): biases and the affine as given, weights in gemm's panels, one
+  // matrix per branch (a 1x1 group's shared matrix split at its branches' columns).
+  template <typename T>
+  void pack();
   Layout layout(const at::Tensor& x) const;
   template <typename T>
   at::Tensor run(const at::Tensor& x, std::vector<double>* op_ms);
   at::Tensor dispatch(const at::Tensor& x, std::vector<double>* op_ms);
 
-  std::vector<at::Tensor> tensors_;  // views of one arena
+  std::vector<at::Tensor> tensors_;  // views of one arena (after pack)
   std::vector<Map> maps_;
   std::vector<Op> ops_;
   at::ScalarType dtype_;

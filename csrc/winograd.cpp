@@ -160,7 +160,7 @@ void tile_block(const ConvBranch<T>& br, int64_t tile0, int64_t col_begin,
   const T* a_rows[kWinogradTiles];
   T* c_rows[kWinogradTiles];
   const KLayout one_run{1, c_in, 0};
-  const int64_t ldb = br.weights.ldb;
+  const int64_t u_size = packed_size<T>(c_in, br.weights.cols);  // one xi's
   // The products of one chunk of columns at a time (m holds one), every chunk reading
   // the input tiles transformed once above.
   for (int64_t j0 = col_begin; j0 < col_end; j0 += chunk_cols<T>()) {
@@ -170,7 +170,7 @@ void tile_block(const ConvBranch<T>& br, int64_t tile0, int64_t col_begin,
         a_rows[t] = v + (t * n * n + xi) * c_in;
         c_rows[t] = m + (t * n * n + xi) * cols;
       }
-      gemm<T>(tiles, a_rows, one_run, br.winograd + xi * c_in * ldb + j0, ldb, nullptr,
+      gemm<T>(tiles, a_rows, one_run, br.winograd + xi * u_size + j0 * c_in, nullptr,
               c_rows, 0, cols);
     }
     const T* bias = br.weights.bias + j0;
@@ -203,8 +203,8 @@ void tile_block(const ConvBranch<T>& br, int64_t tile0, int64_t col_begin,
         c_rows[rows] = br.out.pixel(o.n, o.y + dy, o.x + dx);
       }
     }
-    gemm(rows, a_rows, br.window_layout(), br.weights.w, br.weights.ldb,
-         br.weights.bias, c_rows, col_begin, col_end);
+    gemm(rows, a_rows, br.window_layout(), br.weights.w, br.weights.bias, c_rows,
+         col_begin, col_end);
   }
   for (int64_t t = 0; t < tiles; ++t) {
     const TileOrigin o = tile_origin<M>(shape, tile0 + t);

@@ -23,9 +23,10 @@ BUILDS = (
 BASELINE = "inception_fused._C"
 
 _extension: ModuleType | None = None
-# Winograd-transformed 3x3 weights per FoldedInception (by id, dropped with it): the
-# module refolds into a new object whenever a parameter changes, so entries never go stale.
-_winograd_cache: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+# fold_program's Programs: (weight versions, Program) by the weights' ids; and for the
+# custom op, (the weights, Program) by their shapes.
+_program_cache: dict[tuple[int, ...], tuple[tuple[int, ...], object]] = {}
+_programs_by_content: dict[tuple, tuple[list[torch.Tensor], object]] = {}
 
 
 def extension_name(capability: str | None = None) -> str:
@@ -105,39 +106,101 @@ def winograd_transform(ext: ModuleType, w: torch.Tensor, k: int) -> torch.Tensor
     return ext.winograd_weights(w, WINOGRAD_TILE)
 
 
-def winograd_weights(
-    ext: ModuleType, f: FoldedInception
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Both branches' Winograd weights (None where not 3x3), cached per fold."""
-    key = id(f)
-    if key not in _winograd_cache:
-        _winograd_cache[key] = (
-            winograd_transform(ext, f.w3, f.k3),
-            winograd_transform(ext, f.w5, f.k5),
+# A block's two steps as a C++ Program (csrc/program.h's encoding): maps x, the
+# output, the 3x3 and 5x5 branches' reduce maps (bordered by their conv's padding).
+_X, _OUT, _RED3, _RED5 = range(4)
+
+
+def _check_fold(f: FoldedInception) -> None:
+    """The fold's shapes agree (the custom op passes tensors through unchecked): a clear
+    error naming the problem before anything runs."""
+    for name, w, b in (("stem_b", f.stem_w, f.stem_b), ("pool_b", f.pool_w, f.pool_b),
+                       ("b3", f.w3, f.b3), ("b5", f.w5, f.b5)):  # fmt: skip
+        if b.dim() != 1 or w.dim() != 2 or b.shape[0] != w.shape[1]:
+            raise RuntimeError(
+                f"inception_fused CPU backend: {name} has {b.numel()} elements, its "
+                f"weight has {w.shape[-1]} output channels"
+            )
+    c_in, r5 = f.stem_w.shape[0], f.stem_w.shape[1] - f.c1 - f.r3
+    if f.c1 < 0 or f.r3 <= 0 or r5 <= 0 or f.k3 % 2 == 0 or f.k5 % 2 == 0:
+        raise RuntimeError(
+            f"inception_fused CPU backend: bad split of stem_w's {f.stem_w.shape[1]} "
+            f"columns (c1 {f.c1}, r3 {f.r3}, r5 {r5}) or kernel sizes ({f.k3}, {f.k5})"
         )
-        weakref.finalize(f, _winograd_cache.pop, key, None)
-    return _winograd_cache[key]
+    if (f.pool_w.shape[0], f.w3.shape[0], f.w5.shape[0]) != (
+        c_in, f.k3 * f.k3 * f.r3, f.k5 * f.k5 * r5
+    ):
+        raise RuntimeError(
+            f"inception_fused CPU backend: folded weights do not fit {c_in} input "
+            f"channels, reduces of {f.r3} and {r5}, kernels {f.k3} and {f.k5}"
+        )
+
+
+def _fold_program(ext: ModuleType, f: FoldedInception):
+    """Step 1 reads x (branch 1 and both reduces as one packed GEMM, the pool branch
+    with its max taken while loading), step 2 the 3x3 / 5x5 convs (3x3 as Winograd)."""
+    _check_fold(f)
+    c1, r3, c3, c5 = f.c1, f.r3, f.w3.shape[1], f.w5.shape[1]
+    r5 = f.stem_w.shape[1] - c1 - r3
+    tensors = [f.stem_w, f.stem_b, f.pool_w, f.pool_b, f.w3, f.b3, f.w5, f.b5]
+    ints = [4]  # maps: channels, border, slot
+    ints += [f.stem_w.shape[0], 0, 0, c1 + c3 + c5 + f.pool_w.shape[1], 0, -1]
+    ints += [r3, f.k3 // 2, 1, r5, f.k5 // 2, 2]
+    ints += [0, _X, -1]  # the input op
+
+    def branch(src, dst, channel, k, pool, w, col_begin, col_end, u=-1):
+        return [src, dst, channel, k, k, 1, k // 2, k // 2, pool, w, w + 1, col_begin,
+                col_end, u]  # fmt: skip
+
+    step1 = [branch(_X, _RED3, 0, 1, 0, 0, c1, c1 + r3),
+             branch(_X, _RED5, 0, 1, 0, 0, c1 + r3, c1 + r3 + r5),
+             branch(_X, _OUT, c1 + c3 + c5, 1, 1, 2, 0, f.pool_w.shape[1])]  # fmt: skip
+    if c1:
+        step1.insert(0, branch(_X, _OUT, 0, 1, 0, 0, 0, c1))
+    step2 = []
+    for src, channel, k, w in ((_RED3, c1, f.k3, 4), (_RED5, c1 + c3, f.k5, 6)):
+        u = winograd_transform(ext, tensors[w], k)
+        if u is not None:
+            tensors.append(u)
+        step2.append(branch(src, _OUT, channel, k, 0, w, 0, tensors[w].shape[1],
+                            -1 if u is None else len(tensors) - 1))  # fmt: skip
+    for step in (step1, step2):
+        ints += [1, len(step), *(i for b in step for i in b)]
+    return ext.Program(tensors, ints)
+
+
+def fold_program(f: FoldedInception, by_content: bool = False):
+    """The C++ Program of one block's fold, built once per set of weight tensors (by
+    identity) and rebuilt when one of them was written in place.
+
+    ``by_content``: the custom op's calls. A compiled graph folds per call, into new
+    tensors of the same values, so those find the last Program built for the fold's
+    shapes when its weights are equal (compared in full: much cheaper than packing and
+    transforming them again)."""
+    tensors = [a for a in f.args if isinstance(a, torch.Tensor)]
+    key = (*map(id, tensors), f.c1, f.r3, f.k3, f.k5)
+    versions = tuple(0 if t.is_inference() else t._version for t in tensors)
+    entry = _program_cache.get(key)
+    if entry is not None and entry[0] == versions:
+        return entry[1]
+    if by_content:
+        shapes = (f.c1, f.r3, f.k3, f.k5, *(t.shape for t in tensors), tensors[0].dtype)
+        seen = _programs_by_content.get(shapes)
+        if seen is None or not all(map(torch.equal, seen[0], tensors)):
+            program = _fold_program(load_extension(), f)
+            seen = _programs_by_content[shapes] = ([t.clone() for t in tensors], program)
+        return seen[1]
+    if entry is None:  # dropped with the first of its tensors
+        for t in tensors:
+            weakref.finalize(t, _program_cache.pop, key, None)
+    entry = _program_cache[key] = (versions, _fold_program(load_extension(), f))
+    return entry[1]
 
 
 def cpu_eval_forward(
-    x: torch.Tensor,
-    f: FoldedInception,
-    winograd: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    x: torch.Tensor, f: FoldedInception, by_content: bool = False
 ) -> torch.Tensor:
-    """Eval-mode Inception (BN folded) on CPU in two OpenMP steps; channels_last output.
-
-    Step 1 reads x once per pixel block: the three 1x1 convs as one GEMM (branch 1 into
-    its output slice, the reduce outputs into zero-bordered scratch maps) and the max-pool
-    fused into the pool projection. Step 2 runs the 3x3 convs as Winograd F(4x4, 3x3) and
-    other kernel sizes as implicit GEMMs over those maps. Every branch is written into its
-    slice of one output. ``winograd``: the 3x3 branches' transformed weights (default:
-    :func:`winograd_weights` of ``f``, cached).
-    """
-    ext = load_extension()
-    w3, w5 = winograd if winograd is not None else winograd_weights(ext, f)
-    return ext.eval_forward(
-        x,
-        *f.args,
-        w3,
-        w5,
-    )
+    """Eval-mode Inception (BN folded) on CPU as one C++ Program of two OpenMP steps
+    (:func:`fold_program`); channels_last output. Every branch is written into its
+    slice of one output."""
+    return fold_program(f, by_content).forward(x)

@@ -16,7 +16,7 @@ be watching operators (tracing, dispatch or function modes, functorch, the profi
 
 import torch
 
-from .cpu import cpu_eval_forward, load_extension, winograd_transform, winograd_weights
+from .cpu import cpu_eval_forward
 from .eval_launch import inception_eval_forward
 from .folding import FoldedInception
 from .kernels.launch import empty_channels_last
@@ -40,14 +40,10 @@ def _eval_forward_op(
     k3: int,
     k5: int,
     backend: str,
-    winograd_w3: torch.Tensor | None = None,
-    winograd_w5: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eval-mode Inception over BN-folded, packed weights; channels_last output.
 
     ``backend``: ``"triton"`` (the two Triton launches) or ``"cpu"`` (the C++ backend).
-    ``winograd_w3``/``winograd_w5``: the C++ backend's Winograd transforms of 3x3
-    branch weights, made here when not given.
     """
     if backend not in OP_BACKENDS:
         raise ValueError(f"backend must be one of {OP_BACKENDS}, got {backend!r}")
@@ -60,18 +56,12 @@ def _eval_forward_op(
     f = FoldedInception(stem_w, *weights, c1, r3, k3, k5)
     if backend == "triton":
         return inception_eval_forward(x, f)
-    # A traced graph folds per call and passes no transform: make it here (cheap next to
-    # the convs). Eager callers pass the one cached with their fold.
-    ext = load_extension()
-    if winograd_w3 is None:
-        winograd_w3 = winograd_transform(ext, f.w3, k3)
-    if winograd_w5 is None:
-        winograd_w5 = winograd_transform(ext, f.w5, k5)
-    return cpu_eval_forward(x, f, (winograd_w3, winograd_w5))
+    # A compiled graph folds per call: its Program is found by the weights' values.
+    return cpu_eval_forward(x, f, by_content=True)
 
 
 @_eval_forward_op.register_fake
-def _(x, stem_w, stem_b, pool_w, pool_b, w3, b3, w5, b5, c1, r3, k3, k5, backend, *_):
+def _(x, stem_w, stem_b, pool_w, pool_b, w3, b3, w5, b5, c1, r3, k3, k5, backend):
     n, _, h, w = x.shape
     c_out = c1 + w3.shape[1] + w5.shape[1] + pool_w.shape[1]
     return empty_channels_last((n, c_out, h, w), x)
@@ -96,9 +86,9 @@ def unobserved(x: torch.Tensor) -> bool:
 def eval_forward(x: torch.Tensor, f: FoldedInception, backend: str) -> torch.Tensor:
     """Eval-mode Inception of ``x`` over ``f``; channels_last output.
 
-    ``backend`` is ``"triton"`` or ``"cpu"`` (the C++ backend, which then gets the cached
-    Winograd transform of ``f`` unless a graph is being traced). Through the custom op
-    when :func:`unobserved` says something may watch, else straight to the kernels.
+    ``backend`` is ``"triton"`` or ``"cpu"`` (the C++ backend: the Program cached with
+    ``f``). Through the custom op when :func:`unobserved` says something may watch, else
+    straight to the kernels.
     """
     if backend not in OP_BACKENDS:
         raise ValueError(f"backend must be one of {OP_BACKENDS}, got {backend!r}")
@@ -106,7 +96,4 @@ def eval_forward(x: torch.Tensor, f: FoldedInception, backend: str) -> torch.Ten
         if backend == "triton":
             return inception_eval_forward(x, f)
         return cpu_eval_forward(x, f)
-    winograd = (None, None)
-    if backend == "cpu" and not torch.compiler.is_compiling():
-        winograd = winograd_weights(load_extension(), f)
-    return _eval_forward_op(x, *f.args, backend, *winograd)
+    return _eval_forward_op(x, *f.args, backend)

@@ -10,6 +10,7 @@ from conftest import assert_close, make_reference
 
 from inception_fused import FusedInceptionModule, cpu, eval_op, module
 from inception_fused.configs import GOOGLENET_CONFIGS
+from inception_fused.folding import FoldedInception
 
 ODD = (37, 5, 7, 11, 3, 9, 6)  # channel counts not multiples of the SIMD width
 
@@ -273,3 +274,49 @@ def test_bad_channel_split_checked_through_the_op(c1, r3):
     args = eval_op_args(fused, x) | {"c1": c1, "r3": r3}
     with pytest.raises(RuntimeError, match="bad split"):
         torch.ops.inception_fused.eval_forward(x, **args, backend="cpu")
+
+
+def counted_fold_programs(monkeypatch):
+    """An input, a fold of ODD, the list of folds a Program gets built for, and the real
+    builder."""
+    fused, _ = cpu_pair(ODD)
+    built = []
+    build = cpu._fold_program
+    monkeypatch.setattr(cpu, "_fold_program", lambda ext, f: built.append(f) or build(ext, f))
+    return torch.randn(2, ODD[0], 5, 6), fused.folded(torch.float32), built, build
+
+
+def test_fold_program_built_once_and_again_after_a_write(monkeypatch):
+    """A fold's C++ Program is built once: eager calls and the custom op (which gets the
+    fold's tensors, not the fold) find it by the weights' identity. A weight written in
+    place gets a new Program, not the stale copy the old one packed."""
+    x, f, built, build = counted_fold_programs(monkeypatch)
+    first = cpu.cpu_eval_forward(x, f)
+    assert_close(torch.ops.inception_fused.eval_forward(x, *f.args, "cpu"), first)
+    assert len(built) == 1
+    with torch.no_grad():
+        f.w3.mul_(2)
+    second = cpu.cpu_eval_forward(x, f)
+    assert len(built) == 2
+    assert_close(second, build(cpu.load_extension(), f).forward(x))
+    assert not torch.equal(second, first)
+
+
+def test_op_finds_the_program_of_equal_weights(monkeypatch):
+    """The custom op's calls from a compiled graph fold per call (new tensors, the same
+    values): they reuse the Program built for equal weights, and weights of other values
+    get their own."""
+    x, f, built, build = counted_fold_programs(monkeypatch)
+
+    def refolded():
+        return [a.clone() if isinstance(a, torch.Tensor) else a for a in f.args]
+
+    first = torch.ops.inception_fused.eval_forward(x, *refolded(), "cpu")
+    assert_close(torch.ops.inception_fused.eval_forward(x, *refolded(), "cpu"), first)
+    assert len(built) == 1
+    other = refolded()
+    other[4] = other[4] * 2  # w3
+    out = torch.ops.inception_fused.eval_forward(x, *other, "cpu")
+    assert len(built) == 2
+    assert_close(out, build(cpu.load_extension(), FoldedInception(*other)).forward(x))
+    assert not torch.equal(out, first)
