@@ -11,7 +11,7 @@ PyTorch's, warms up and times it with torch.utils.benchmark (blocked_autorange).
 
   eager-nchw              torchvision as a user has it (NCHW model and input)
   eager-channels-last     model and input converted to channels_last
-  compile-freezing        torch.compile(options={"freezing": True}), channels_last
+  compile-freezing        torch.compile with Inductor's freezing, channels_last
   fused                   fuse_googlenet / fuse_inception_v3, NCHW model and input (the
                           README path)
   fused-compile-freezing  the fused model inside torch.compile with freezing
@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 import torchvision
 from bench_cpu import RUN_FIELDS, append_rows, machine_slug, newest_rows, quantile
-from common import cpu_model, git_commit
+from common import FrozenCompiled, cpu_model, git_commit
 from make_table import replace_section
 
 from inception_fused import cpu, fuse_googlenet, fuse_inception_v3
@@ -215,7 +215,7 @@ def make_engine(
         return model, True
     if name == "fused-compile-freezing":
         model = fuse(model)
-    return torch.compile(model, options={"freezing": True}), True
+    return FrozenCompiled(model), True
 
 
 def worker(args: argparse.Namespace) -> None:

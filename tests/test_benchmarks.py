@@ -121,6 +121,20 @@ def test_grid_restricts_compile_providers() -> None:
     assert not common.provider_applies("compile-freezing", "train")
 
 
+def test_compile_freezing_provider_freezes() -> None:
+    """compile-freezing makes the weights constants (BN folded into the conv), so a later
+    in-place edit of a weight is not seen; torch.compile(options={"freezing": True})
+    does not freeze, and would see it."""
+    eager = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).eval()
+    frozen = common.make_provider("compile-freezing", eager, lambda m: m)
+    x = torch.randn(1, 3, 4, 4)
+    with torch.no_grad():
+        out = frozen(x)
+        torch.testing.assert_close(out, eager(x))
+        next(frozen.parameters()).mul_(2)
+        torch.testing.assert_close(frozen(x), out)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="torch.compile on CPU takes minutes here")
 def test_compile_provider(tmp_path: Path) -> None:
     path = _bench(tmp_path, "eager,compile", modes="eval")

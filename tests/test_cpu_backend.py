@@ -320,3 +320,29 @@ def test_op_finds_the_program_of_equal_weights(monkeypatch):
     assert len(built) == 2
     assert_close(out, build(cpu.load_extension(), FoldedInception(*other)).forward(x))
     assert not torch.equal(out, first)
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_op_skips_the_compare_for_the_tensors_it_last_matched(monkeypatch, inference):
+    """A frozen graph hands the op the same constant tensors every call: once matched
+    they are not compared again, until one of them is written in place. Inference
+    tensors keep no version counter, so they are compared every call."""
+    x, f, built, build = counted_fold_programs(monkeypatch)
+    monkeypatch.setattr(cpu, "_programs_by_content", {})
+    compared = []
+    equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: compared.append(a) or equal(a, b))
+    with torch.inference_mode(inference):
+        frozen = [a.clone() if isinstance(a, torch.Tensor) else a for a in f.args]
+    op = torch.ops.inception_fused.eval_forward
+    first = op(x, *frozen, "cpu")
+    assert_close(op(x, *frozen, "cpu"), first)
+    assert len(built) == 1 and bool(compared) == inference
+    with torch.inference_mode(inference), torch.no_grad():
+        frozen[4].mul_(2)  # w3
+        out = op(x, *frozen, "cpu")
+    assert len(built) == 2 and compared
+    assert_close(out, build(cpu.load_extension(), FoldedInception(*frozen)).forward(x))
+    compared.clear()
+    assert_close(op(x, *frozen, "cpu"), out)
+    assert len(built) == 2 and bool(compared) == inference
