@@ -25,8 +25,9 @@ BASELINE = "inception_fused._C"
 
 class _ContentEntry:
     """A Program with a copy of the weights it was built from, and the tensors it last
-    matched (weak references and version counters): a frozen graph hands the op the
-    same constant tensors every call, which then skip the full compare."""
+    matched (weak references and version counters). A frozen graph hands the op the same
+    constant tensors every call, and those skip the compare; only what the graph makes
+    anew (Inductor computes its tiniest constants in a kernel each call) is compared."""
 
     def __init__(self, tensors: list[torch.Tensor], program: object) -> None:
         self.weights = [t.clone() for t in tensors]
@@ -38,17 +39,16 @@ class _ContentEntry:
         self.versions = _versions(tensors)
 
     def matches(self, tensors: list[torch.Tensor]) -> bool:
-        # Inference tensors keep version 0 through in-place writes: always compared.
-        if (
-            not any(t.is_inference() for t in tensors)
-            and self.versions == _versions(tensors)
-            and all(ref() is t for ref, t in zip(self.last, tensors))
+        versions = _versions(tensors)
+        for t, weight, last, version, then in zip(
+            tensors, self.weights, self.last, versions, self.versions
         ):
-            return True
-        if all(map(torch.equal, self.weights, tensors)):
-            self.remember(tensors)
-            return True
-        return False
+            # Inference tensors keep version 0 through in-place writes: always compared.
+            unchanged = last() is t and version == then and not t.is_inference()
+            if not unchanged and not torch.equal(weight, t):
+                return False
+        self.remember(tensors)
+        return True
 
 
 def _versions(tensors: list[torch.Tensor]) -> tuple[int, ...]:

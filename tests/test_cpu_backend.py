@@ -325,8 +325,9 @@ def test_op_finds_the_program_of_equal_weights(monkeypatch):
 @pytest.mark.parametrize("inference", [False, True])
 def test_op_skips_the_compare_for_the_tensors_it_last_matched(monkeypatch, inference):
     """A frozen graph hands the op the same constant tensors every call: once matched
-    they are not compared again, until one of them is written in place. Inference
-    tensors keep no version counter, so they are compared every call."""
+    they are not compared again, until one of them is written in place; a tensor made
+    anew is compared alone. Inference tensors keep no version counter, so they are
+    compared every call."""
     x, f, built, build = counted_fold_programs(monkeypatch)
     monkeypatch.setattr(cpu, "_programs_by_content", {})
     compared = []
@@ -346,3 +347,31 @@ def test_op_skips_the_compare_for_the_tensors_it_last_matched(monkeypatch, infer
     compared.clear()
     assert_close(op(x, *frozen, "cpu"), out)
     assert len(built) == 2 and bool(compared) == inference
+    if not inference:
+        frozen[5] = frozen[5].clone()  # b3, as Inductor's inlined constants come
+        assert_close(op(x, *frozen, "cpu"), out)
+        assert len(built) == 2 and [c.shape for c in compared] == [frozen[5].shape]
+
+
+def test_frozen_compile_hands_the_op_constants(monkeypatch):
+    """Under Inductor's freezing the fold in the graph is constant-folded: the op gets the
+    same weight matrices every call, so it builds one Program and never compares them
+    again (without freezing each call folds anew and is compared in full). Inductor
+    computes its tiniest constants in a kernel each call: those 1-d shifts are compared."""
+    fused, ref = cpu_pair(ODD)
+    x = torch.randn(2, ODD[0], 5, 6)
+    monkeypatch.setattr(cpu, "_programs_by_content", {})
+    compared = []
+    equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: compared.append(a) or equal(a, b))
+    torch._dynamo.reset()
+    compiled = torch.compile(fused)
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        first = compiled(x)  # compiles (Inductor compares constants too)
+        compared.clear()
+        outs = [first, compiled(x), compiled(x)]
+        expected = ref(x)
+    for out in outs:
+        assert_close(out, expected)
+    assert len(cpu._programs_by_content) == 1
+    assert all(t.dim() == 1 for t in compared)
