@@ -532,9 +532,9 @@ def make_provider(
 
 class FrozenCompiled(nn.Module):
     """torch.compile with Inductor's freezing: parameters become constants, BN folds into
-    the convs. ``options={"freezing": True}`` alone does not freeze (torch 2.7-2.14):
-    Dynamo decides whether parameters become graph constants while it traces, from the
-    global config, which that option does not set. So the first call, the one that
+    the convs. ``options={"freezing": True}`` alone does not freeze (seen on torch 2.7.1
+    and 2.14.1): Dynamo decides whether parameters become graph constants while it
+    traces, from the global config, which that option does not set. So the first call, the one that
     traces, runs with the global config set; later calls run the frozen graph as is
     (a benchmark point keeps one shape and grad mode, so nothing retraces)."""
 
