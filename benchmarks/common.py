@@ -534,9 +534,9 @@ class FrozenCompiled(nn.Module):
     """torch.compile with Inductor's freezing: parameters become constants, BN folds into
     the convs. ``options={"freezing": True}`` alone does not freeze (seen on torch 2.7.1
     and 2.14.1): Dynamo decides whether parameters become graph constants while it
-    traces, from the global config, which that option does not set. So the first call, the one that
-    traces, runs with the global config set; later calls run the frozen graph as is
-    (a benchmark point keeps one shape and grad mode, so nothing retraces)."""
+    traces, from the global config, which that option does not set. So the first call,
+    the one that traces, runs with the global config set; later calls run the frozen
+    graph as is (a benchmark point keeps one shape and grad mode, so nothing retraces)."""
 
     def __init__(self, model: nn.Module, **compile_kwargs: object) -> None:
         super().__init__()

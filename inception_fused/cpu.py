@@ -8,6 +8,7 @@ from types import ModuleType
 
 import torch
 
+from .fold_cache import tensor_versions
 from .folding import FoldedInception
 
 CPU_DTYPES = (torch.float32, torch.float64)
@@ -29,37 +30,30 @@ class _ContentEntry:
     constant tensors every call, and those skip the compare; only what the graph makes
     anew (Inductor computes its tiniest constants in a kernel each call) is compared."""
 
-    def __init__(self, tensors: list[torch.Tensor], program: object) -> None:
+    def __init__(self, tensors: list[torch.Tensor], versions: list[int], program: object) -> None:
         self.weights = [t.clone() for t in tensors]
         self.program = program
-        self.remember(tensors)
+        self.remember(tensors, versions)
 
-    def remember(self, tensors: list[torch.Tensor]) -> None:
+    def remember(self, tensors: list[torch.Tensor], versions: list[int]) -> None:
         self.last = [weakref.ref(t) for t in tensors]
-        self.versions = _versions(tensors)
+        self.versions = versions
 
-    def matches(self, tensors: list[torch.Tensor]) -> bool:
-        versions = _versions(tensors)
+    def matches(self, tensors: list[torch.Tensor], versions: list[int]) -> bool:
         for t, weight, last, version, then in zip(
             tensors, self.weights, self.last, versions, self.versions
         ):
-            # Inference tensors keep version 0 through in-place writes: always compared.
-            unchanged = last() is t and version == then and not t.is_inference()
+            unchanged = version != -1 and version == then and last() is t  # -1: no counter
             if not unchanged and not torch.equal(weight, t):
                 return False
-        self.remember(tensors)
+        self.remember(tensors, versions)
         return True
-
-
-def _versions(tensors: list[torch.Tensor]) -> tuple[int, ...]:
-    """In-place writes bump a tensor's version (inference tensors have none)."""
-    return tuple(0 if t.is_inference() else t._version for t in tensors)
 
 
 _extension: ModuleType | None = None
 # fold_program's Programs: (weight versions, Program) by the weights' ids; and for the
 # custom op, by the weights' shapes, a _ContentEntry.
-_program_cache: dict[tuple[int, ...], tuple[tuple[int, ...], object]] = {}
+_program_cache: dict[tuple[int, ...], tuple[list[int], object]] = {}
 _programs_by_content: dict[tuple, _ContentEntry] = {}
 
 
@@ -214,16 +208,16 @@ def fold_program(f: FoldedInception, by_content: bool = False):
     frozen graph's constants are)."""
     tensors = [a for a in f.args if isinstance(a, torch.Tensor)]
     key = (*map(id, tensors), f.c1, f.r3, f.k3, f.k5)
-    versions = _versions(tensors)
+    versions = tensor_versions(tensors)
     entry = _program_cache.get(key)
     if entry is not None and entry[0] == versions:
         return entry[1]
     if by_content:
         shapes = (f.c1, f.r3, f.k3, f.k5, *(t.shape for t in tensors), tensors[0].dtype)
         seen = _programs_by_content.get(shapes)
-        if seen is None or not seen.matches(tensors):
+        if seen is None or not seen.matches(tensors, versions):
             program = _fold_program(load_extension(), f)
-            seen = _programs_by_content[shapes] = _ContentEntry(tensors, program)
+            seen = _programs_by_content[shapes] = _ContentEntry(tensors, versions, program)
         return seen.program
     if entry is None:  # dropped with the first of its tensors
         for t in tensors:

@@ -117,7 +117,9 @@ def module_tensors(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
 _version = operator.attrgetter("_version")
 
 
-def _versions(tensors: Sequence[torch.Tensor | None]) -> list[int]:
+def tensor_versions(tensors: Sequence[torch.Tensor | None]) -> list[int]:
+    """Each tensor's version counter (in-place writes bump it); -1 for None and for
+    inference tensors, which have none."""
     try:
         return list(map(_version, tensors))
     except (AttributeError, RuntimeError):  # None; inference tensors have no counter
@@ -164,7 +166,7 @@ class FoldCache(Generic[T]):
         build: Callable[[], T],
         extra_key: Hashable = (),
     ) -> T:
-        versions = _versions(tensors)
+        versions = tensor_versions(tensors)
         if (
             self._event < 0
             or versions != self._versions

@@ -322,6 +322,14 @@ def test_op_finds_the_program_of_equal_weights(monkeypatch):
     assert not torch.equal(out, first)
 
 
+def counted_compares(monkeypatch):
+    """The list of weight copies torch.equal is asked to compare, as calls append them."""
+    compared = []
+    equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: compared.append(a) or equal(a, b))
+    return compared
+
+
 @pytest.mark.parametrize("inference", [False, True])
 def test_op_skips_the_compare_for_the_tensors_it_last_matched(monkeypatch, inference):
     """A frozen graph hands the op the same constant tensors every call: once matched
@@ -330,9 +338,7 @@ def test_op_skips_the_compare_for_the_tensors_it_last_matched(monkeypatch, infer
     compared every call."""
     x, f, built, build = counted_fold_programs(monkeypatch)
     monkeypatch.setattr(cpu, "_programs_by_content", {})
-    compared = []
-    equal = torch.equal
-    monkeypatch.setattr(torch, "equal", lambda a, b: compared.append(a) or equal(a, b))
+    compared = counted_compares(monkeypatch)
     with torch.inference_mode(inference):
         frozen = [a.clone() if isinstance(a, torch.Tensor) else a for a in f.args]
     op = torch.ops.inception_fused.eval_forward
@@ -361,9 +367,7 @@ def test_frozen_compile_hands_the_op_constants(monkeypatch):
     fused, ref = cpu_pair(ODD)
     x = torch.randn(2, ODD[0], 5, 6)
     monkeypatch.setattr(cpu, "_programs_by_content", {})
-    compared = []
-    equal = torch.equal
-    monkeypatch.setattr(torch, "equal", lambda a, b: compared.append(a) or equal(a, b))
+    compared = counted_compares(monkeypatch)
     torch._dynamo.reset()
     compiled = torch.compile(fused)
     with torch.no_grad(), torch._inductor.config.patch(freezing=True):
