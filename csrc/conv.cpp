@@ -8,7 +8,8 @@
 // the interior of the zero-bordered map the next step convolves.
 // Pool branches take their 3x3/s1/p1 pool of a pixel block into a per-thread buffer
 // that stays in cache and multiply that: the pooled map never exists.
-// 3x3 stride-1 branches with Winograd weights take winograd.cpp's path: fewer flops.
+// 3x3 stride-1 branches with Winograd weights take winograd.cpp's path (fewer flops)
+// where their map has tiles enough (runs_winograd).
 #include <omp.h>
 
 #include <algorithm>
@@ -28,28 +29,11 @@ void pool_tile(const ConvBranch<T>& br, int64_t m0, int64_t rows, T* pooled) {
   const Shape& s = br.in_shape;
   const int64_t c_in = br.input.channels;
   for_each_pixel(s, m0, rows, [&](int64_t i, int64_t n, int64_t h, int64_t w) {
-    T* dst = pooled + i * c_in;
     const int64_t h0 = std::max<int64_t>(h - 1, 0), h1 = std::min(h + 2, s.height);
     const int64_t w0 = std::max<int64_t>(w - 1, 0), w1 = std::min(w + 2, s.width);
-    const bool max = br.pool == Pool::kMax;
-    std::copy_n(br.input.pixel(n, h0, w0), c_in, dst);
-    for (int64_t hh = h0; hh < h1; ++hh) {
-      for (int64_t ww = hh == h0 ? w0 + 1 : w0; ww < w1; ++ww) {
-        const T* src = br.input.pixel(n, hh, ww);
-        for_each_lane_group<T>(c_in, [&](auto lanes, int64_t c) {
-          using U = decltype(lanes);
-          const U a = load<U>(dst + c), b = load<U>(src + c);
-          store(dst + c, max ? nan_max(a, b) : a + b);
-        });
-      }
-    }
-    if (max) return;
     const T count = br.pool == Pool::kAvg ? T(9) : static_cast<T>((h1 - h0) * (w1 - w0));
-    const T inv = T(1) / count;
-    for_each_lane_group<T>(c_in, [&](auto lanes, int64_t c) {
-      using U = decltype(lanes);
-      store(dst + c, load<U>(dst + c) * inv);
-    });
+    pool_window(br.input, n, h0, h1, w0, w1, br.pool == Pool::kMax, T(1) / count,
+                pooled + i * c_in);
   });
 }
 
@@ -70,10 +54,13 @@ void redo_nonfinite_border_pixel(const ConvBranch<T>& br, int64_t n, int64_t h,
   const Shape& in = br.in_shape;
   if (h0 >= 0 && h0 + br.kh <= in.height && w0 >= 0 && w0 + br.kw <= in.width) return;
   T* out = br.out.pixel(n, h, w);
-  bool finite = true;
-  for (int64_t col = col_begin; col < col_end; ++col)
-    finite &= out[col] - out[col] == 0;  // false for inf and NaN
-  if (finite) return;
+  T probe = 0;  // stays 0 while every output is finite (x - x is NaN for inf / NaN)
+  for_each_lane_group<T>(col_end - col_begin, [&](auto lanes, int64_t c) {
+    using U = decltype(lanes);
+    const U v = load<U>(out + col_begin + c);
+    probe += lane_sum<T>(v - v);
+  });
+  if (probe == 0) return;
   const int64_t c_in = br.input.channels, rows = br.kh * br.kw * c_in;
   const T* corner = br.window(n, h, w);
   for (int64_t col = col_begin; col < col_end; ++col) {
@@ -110,7 +97,7 @@ void conv_step(const ConvBranch<T>* branches, int64_t count) {
   const ConvBranch<T>* end = branches + count;
   int64_t pixels = 0, pool_channels = 0, winograd_size = 0;
   for (const ConvBranch<T>* br = branches; br != end; ++br) {
-    if (br->winograd) {
+    if (runs_winograd(*br)) {
       const int64_t size = winograd_buffer_size<T>(br->winograd_tile, br->input.channels);
       winograd_size = std::max(winograd_size, size);
     } else {
@@ -120,13 +107,13 @@ void conv_step(const ConvBranch<T>* branches, int64_t count) {
   }
   for (int64_t first = 0; first < pixels; first += kBlockRows)
     for (const ConvBranch<T>* br = branches; br != end; ++br)
-      if (!br->winograd && first < br->out_shape.pixels())
+      if (!runs_winograd(*br) && first < br->out_shape.pixels())
         chunks(br, first, br->pool != Pool::kNone);
   // A Winograd task transforms its tiles' inputs once for all its columns: as many
   // columns as still leave every thread kTasksPerThread tasks to balance.
   const int64_t min_tasks = kTasksPerThread * at::get_num_threads();
   for (const ConvBranch<T>* br = branches; br != end; ++br) {
-    if (!br->winograd) continue;
+    if (!runs_winograd(*br)) continue;
     const int64_t blocks = ceil_div(winograd_tiles(br->out_shape, br->winograd_tile),
                                     kWinogradTiles);
     const int64_t n_chunks = ceil_div(br->weights.cols, chunk_cols<T>());
@@ -148,7 +135,7 @@ void conv_step(const ConvBranch<T>* branches, int64_t count) {
     const Task& task = tasks[index];
     const ConvBranch<T>& br = *task.branch;
     T* buffer = buffers.get() + omp_get_thread_num() * buffer_size;
-    if (br.winograd) {
+    if (runs_winograd(br)) {
       winograd_tile_block(br, task.first, task.begin, task.end, buffer);
       return;
     }

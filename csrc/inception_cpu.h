@@ -119,6 +119,38 @@ void zero_border(const PaddedMap<T>& map, const Shape& shape) {
   }
 }
 
+// dst[c] for every channel c of `in`: the max (a NaN gives NaN, as max_pool2d) or the
+// sum times `scale` over the pixels [h0, h1) x [w0, w1) of image n. Four vectors of
+// channels at a time, held in registers across the window: each tap then reads a few
+// whole cache lines of a pixel, and dst is written once.
+template <typename T>
+inline void pool_window(const PaddedMap<T>& in, int64_t n, int64_t h0, int64_t h1,
+                        int64_t w0, int64_t w1, bool max, T scale, T* dst) {
+  // Channels [c, c + nv * lanes) as nv Us (a SIMD vector of T, or one T).
+  const auto pass = [&](auto u, auto nv, int64_t c) {
+    using U = decltype(u);
+    constexpr int NV = decltype(nv)::value, kLanes = sizeof(U) / sizeof(T);
+    U acc[NV];
+    const T* first = in.pixel(n, h0, w0) + c;
+    for (int v = 0; v < NV; ++v) acc[v] = load<U>(first + v * kLanes);
+    for (int64_t h = h0; h < h1; ++h) {
+      const T* row = in.pixel(n, h, 0) + c;
+      for (int64_t w = h == h0 ? w0 + 1 : w0; w < w1; ++w) {
+        for (int v = 0; v < NV; ++v) {
+          const U x = load<U>(row + w * in.channels + v * kLanes);
+          acc[v] = max ? nan_max(acc[v], x) : acc[v] + x;
+        }
+      }
+    }
+    for (int v = 0; v < NV; ++v) store(dst + c + v * kLanes, max ? acc[v] : acc[v] * scale);
+  };
+  using V = typename Simd<T>::type;
+  constexpr int64_t W = Simd<T>::width;
+  int64_t c = 0;
+  for (; c + 4 * W <= in.channels; c += 4 * W) pass(V{}, std::integral_constant<int, 4>{}, c);
+  for (; c + W <= in.channels; c += W) pass(V{}, std::integral_constant<int, 1>{}, c);
+  for (; c < in.channels; ++c) pass(T{}, std::integral_constant<int, 1>{}, c);
+}
 
 // A pool of the input taken while a 1x1 conv loads it: 3x3 windows, stride 1, padding
 // 1 (the Inception pool branches). Averages count the padding (kAvg, torchvision) or
@@ -177,6 +209,15 @@ static_assert(kWinogradTiles % kTileRows == 0, "a Winograd task is whole row til
 
 inline int64_t winograd_tiles(const Shape& s, int64_t m) {
   return s.batch * ceil_div(s.height, m) * ceil_div(s.width, m);
+}
+
+// Whether a branch runs Winograd: it has the weights, and tiles enough that each
+// transformed weight, (m + 2)^2 / 9 times the bytes of the direct one (4x for m = 4),
+// serves at least a micro-tile's rows. A batch-1 7x7 map has 4 tiles: its GEMMs would
+// stream 4x the weights for 4 rows, where the direct conv streams 1x for 49.
+template <typename T>
+bool runs_winograd(const ConvBranch<T>& br) {
+  return br.winograd && winograd_tiles(br.out_shape, br.winograd_tile) >= kTileRows;
 }
 
 // The m of Winograd weights of u_rows = (m + 2)^2 * c_in rows; 0 when no m fits.

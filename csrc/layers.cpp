@@ -15,13 +15,19 @@ void load_input(const at::Tensor& x, const T* affine, const PaddedMap<T>& map) {
   zero_border(map, shape);
   const T* src = x.data_ptr<T>();
   const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  // Channel by channel along a row: x's reads run along w (contiguous in NCHW).
   parallel_tasks(shape.batch * shape.height, [&](int64_t row) {
     const int64_t n = row / shape.height, h = row % shape.height;
     T* dst = map.pixel(n, h, 0);
-    for (int64_t w = 0; w < shape.width; ++w) {
-      for (int64_t c = 0; c < c_in; ++c) {
-        const T v = src[n * sn + c * sc + h * sh + w * sw];
-        dst[w * map.channels + c] = affine ? v * affine[c] + affine[c_in + c] : v;
+    for (int64_t c = 0; c < c_in; ++c) {
+      const T* x_row = src + n * sn + c * sc + h * sh;
+      T* d = dst + c;
+      if (affine) {
+        const T scale = affine[c], shift = affine[c_in + c];
+        for (int64_t w = 0; w < shape.width; ++w)
+          d[w * map.channels] = x_row[w * sw] * scale + shift;
+      } else {
+        for (int64_t w = 0; w < shape.width; ++w) d[w * map.channels] = x_row[w * sw];
       }
     }
   });
@@ -38,23 +44,12 @@ int64_t pooled_size(int64_t size, int64_t kernel, int64_t stride, bool ceil_mode
 template <typename T>
 void max_pool(const PaddedMap<T>& in, const Shape& in_shape, int64_t kernel,
               int64_t stride, const Shape& out_shape, const PaddedMap<T>& out) {
-  const int64_t channels = in.channels;
   parallel_tasks(out_shape.batch * out_shape.height, [&](int64_t row) {
     const int64_t n = row / out_shape.height, oh = row % out_shape.height;
     const int64_t h0 = oh * stride, h1 = std::min(h0 + kernel, in_shape.height);
     for (int64_t ow = 0; ow < out_shape.width; ++ow) {
       const int64_t w0 = ow * stride, w1 = std::min(w0 + kernel, in_shape.width);
-      T* dst = out.pixel(n, oh, ow);
-      std::copy_n(in.pixel(n, h0, w0), channels, dst);
-      for (int64_t h = h0; h < h1; ++h) {
-        for (int64_t w = h == h0 ? w0 + 1 : w0; w < w1; ++w) {
-          const T* src = in.pixel(n, h, w);
-          for_each_lane_group<T>(channels, [&](auto lanes, int64_t c) {
-            using U = decltype(lanes);
-            store(dst + c, nan_max(load<U>(dst + c), load<U>(src + c)));
-          });
-        }
-      }
+      pool_window(in, n, h0, h1, w0, w1, true, T(1), out.pixel(n, oh, ow));
     }
   });
 }

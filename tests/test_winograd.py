@@ -149,9 +149,10 @@ SHAPES = [(1, 1), (2, 3), (5, 7), (6, 6), (7, 7), (9, 11), (8, 8), (1, 9), (29, 
 @pytest.mark.parametrize("size", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_tile_edges(m, pad, size):
     h, w = (s + 2 - 2 * pad for s in size)  # the input that gives outputs of `size`
-    x, weight, bias = conv_case((3, 11, h, w), 10, pad, 1.0)
+    # 12 images: at least 12 tiles, so even a 1x1 output runs Winograd (runs_winograd).
+    x, weight, bias = conv_case((12, 11, h, w), 10, pad, 1.0)
     out = conv_program(weight, bias, pad, m).forward(x)
-    assert out.shape == (3, 10, *size)
+    assert out.shape == (12, 10, *size)
     err = (out.double() - reference(x, weight, bias, pad)).abs()
     assert (err <= error_bound(x, weight, bias, pad, m)).all()
 
@@ -186,13 +187,31 @@ def test_f4_error_against_f2():
 def test_nonfinite_input_takes_the_direct_conv(m, value, where):
     """A tile whose n x n input holds an inf or NaN is redone as the direct conv: the
     non-finite outputs are exactly the reference's (not the whole m x m block's)."""
-    x, weight, bias = conv_case((1, 11, 9, 11), 10, 1, 1.0)
+    x, weight, bias = conv_case((2, 11, 9, 11), 10, 1, 1.0)  # 18 tiles of 4x4
     x[0, 3, where[0], where[1]] = value
     out = conv_program(weight, bias, 1, m).forward(x)
     expected = F.conv2d(x, weight, bias, padding=1).relu()
     assert torch.equal(out.isnan(), expected.isnan())
     assert torch.equal(out.isinf(), expected.isinf())
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_few_tiles_run_the_direct_conv(m):
+    """A map of fewer tiles than a micro-tile's rows (6 or 12 by build) runs the direct
+    conv (4x the weight bytes for a handful of GEMM rows would be slower), bitwise the
+    Program without Winograd weights; one of more tiles runs Winograd (other roundings)."""
+    few = 7 if m == 4 else 3  # 4 tiles of m x m
+    x, weight, bias = conv_case((1, 16, few, few), 24, 1, 1.0)
+    assert torch.equal(
+        conv_program(weight, bias, 1, m).forward(x),
+        conv_program(weight, bias, 1, None).forward(x),
+    )
+    x, weight, bias = conv_case((1, 16, 6 * m, 6 * m), 24, 1, 1.0)  # 36 tiles
+    winograd = conv_program(weight, bias, 1, m).forward(x)
+    direct = conv_program(weight, bias, 1, None).forward(x)
+    assert not torch.equal(winograd, direct)
+    torch.testing.assert_close(winograd, direct, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
