@@ -95,27 +95,27 @@ void conv_step(const ConvBranch<T>* branches, int64_t count) {
       tasks.push_back({br, first, j, std::min(cols, j + step)});
   };
   const ConvBranch<T>* end = branches + count;
-  int64_t pixels = 0, pool_channels = 0, winograd_size = 0;
+  int64_t blocks = 0, pool_channels = 0, winograd_size = 0;
   for (const ConvBranch<T>* br = branches; br != end; ++br) {
     if (runs_winograd(*br)) {
       const int64_t size = winograd_buffer_size<T>(br->winograd_tile, br->input.channels);
       winograd_size = std::max(winograd_size, size);
     } else {
-      pixels = std::max(pixels, br->out_shape.pixels());
+      blocks = std::max(blocks, block_count(br->out_shape.pixels(), kBlockRows));
     }
     if (br->pool != Pool::kNone) pool_channels = std::max(pool_channels, br->input.channels);
   }
-  for (int64_t first = 0; first < pixels; first += kBlockRows)
+  for (int64_t block = 0; block < blocks; ++block)
     for (const ConvBranch<T>* br = branches; br != end; ++br)
-      if (!runs_winograd(*br) && first < br->out_shape.pixels())
-        chunks(br, first, br->pool != Pool::kNone);
+      if (!runs_winograd(*br) && block < block_count(br->out_shape.pixels(), kBlockRows))
+        chunks(br, block * kBlockRows, br->pool != Pool::kNone);
   // A Winograd task transforms its tiles' inputs once for all its columns: as many
   // columns as still leave every thread kTasksPerThread tasks to balance.
   const int64_t min_tasks = kTasksPerThread * at::get_num_threads();
   for (const ConvBranch<T>* br = branches; br != end; ++br) {
     if (!runs_winograd(*br)) continue;
-    const int64_t blocks = ceil_div(winograd_tiles(br->out_shape, br->winograd_tile),
-                                    kWinogradTiles);
+    const int64_t blocks = block_count(winograd_tiles(br->out_shape, br->winograd_tile),
+                                       kWinogradTiles);
     const int64_t n_chunks = ceil_div(br->weights.cols, chunk_cols<T>());
     const int64_t groups = std::min(ceil_div(min_tasks, blocks), n_chunks);
     const auto group_col = [&](int64_t g) {
@@ -126,7 +126,7 @@ void conv_step(const ConvBranch<T>* branches, int64_t count) {
         tasks.push_back({br, block * kWinogradTiles, group_col(g), group_col(g + 1)});
   }
 
-  const int64_t pool_size = kBlockRows * pool_channels;
+  const int64_t pool_size = max_block_rows(kBlockRows) * pool_channels;
   const int64_t buffer_size = std::max(pool_size, winograd_size);
   // Scratch, not zeroed: every task writes what it reads.
   const std::unique_ptr<T[]> buffers(new T[at::get_num_threads() * buffer_size]);
@@ -139,9 +139,10 @@ void conv_step(const ConvBranch<T>* branches, int64_t count) {
       winograd_tile_block(br, task.first, task.begin, task.end, buffer);
       return;
     }
-    const int64_t rows = std::min(kBlockRows, br.out_shape.pixels() - task.first);
-    const T* a_rows[kBlockRows];
-    T* c_rows[kBlockRows];
+    const int64_t rows =
+        block_rows(br.out_shape.pixels(), kBlockRows, task.first / kBlockRows);
+    const T* a_rows[max_block_rows(kBlockRows)];
+    T* c_rows[max_block_rows(kBlockRows)];
     KLayout layout = br.window_layout();
     if (br.pool != Pool::kNone) {
       pool_tile(br, task.first, rows, buffer);

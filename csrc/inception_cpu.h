@@ -77,6 +77,19 @@ constexpr int64_t chunk_cols() {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
+// `rows` split into blocks of `size` rows, the last one taking a remainder of fewer
+// than kTileRows rows as well: a task of a few rows streams its weights as a whole block
+// does (a batch-1 7x7 map is 49 pixels: one block of 49, not 48 + 1).
+inline int64_t block_count(int64_t rows, int64_t size) {
+  return std::max<int64_t>(rows / size + (rows % size >= kTileRows), 1);
+}
+// The rows of block `block`, which starts at row block * size.
+inline int64_t block_rows(int64_t rows, int64_t size, int64_t block) {
+  return block + 1 < block_count(rows, size) ? size : rows - block * size;
+}
+// The most rows a block of `size` holds.
+constexpr int64_t max_block_rows(int64_t size) { return size + kTileRows - 1; }
+
 // Runs fn(task) for task in [0, count) on torch's intra-op threads (OpenMP here),
 // dynamically scheduled: tasks differ in cost (pool tiles, 3x3 vs 5x5, edge blocks).
 template <typename F>
@@ -227,11 +240,12 @@ inline int64_t winograd_tile_of(int64_t u_rows, int64_t c_in) {
   return 0;
 }
 
-// A thread's scratch for winograd_tile_block: n^2 * kWinogradTiles * (C + chunk_cols),
+// A thread's scratch for winograd_tile_block: n^2 * (the most tiles of a block) *
+// (C + chunk_cols),
 // n = m + 2 (the transformed inputs, then the products of one column chunk).
 template <typename T>
 int64_t winograd_buffer_size(int64_t m, int64_t c_in) {
-  return (m + 2) * (m + 2) * kWinogradTiles * (c_in + chunk_cols<T>());
+  return (m + 2) * (m + 2) * max_block_rows(kWinogradTiles) * (c_in + chunk_cols<T>());
 }
 
 // u [(m + 2)^2 * c_in, cols] = G g G^T of the packed 3x3 weights w [9 * c_in, cols],
@@ -239,8 +253,8 @@ int64_t winograd_buffer_size(int64_t m, int64_t c_in) {
 template <typename T>
 void winograd_weights(const T* w, int64_t c_in, int64_t cols, int64_t m, T* u);
 
-// Output channels [col_begin, col_end) of the tiles tile0 ... tile0 + kWinogradTiles - 1
-// of a 3x3 branch, col_begin a multiple of chunk_cols: the inputs are transformed once,
+// Output channels [col_begin, col_end) of the block of tiles starting at tile0 (a
+// multiple of kWinogradTiles; block_rows tells how many) of a 3x3 branch, col_begin a multiple of chunk_cols: the inputs are transformed once,
 // then multiplied a chunk at a time. buffer: a thread's winograd_buffer_size scratch.
 template <typename T>
 void winograd_tile_block(const ConvBranch<T>& branch, int64_t tile0, int64_t col_begin,

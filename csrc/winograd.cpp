@@ -126,16 +126,18 @@ void tile_block(const ConvBranch<T>& br, int64_t tile0, int64_t col_begin,
   const Shape& shape = br.out_shape;
   const PaddedMap<T>& map = br.input;
   const int64_t c_in = map.channels;
-  const int64_t tiles = std::min(kWinogradTiles, winograd_tiles(shape, M) - tile0);
+  const int64_t tiles =
+      block_rows(winograd_tiles(shape, M), kWinogradTiles, tile0 / kWinogradTiles);
+  constexpr int64_t kMaxTiles = max_block_rows(kWinogradTiles);
   // Tile-major ([tile][xi][...]): a tile's transforms read and write one contiguous
   // block, and the GEMMs address their rows through pointers anyway.
-  T* v = buffer;                                  // [kWinogradTiles][n^2][c_in]
-  T* m = buffer + n * n * kWinogradTiles * c_in;  // [kWinogradTiles][n^2][chunk]
+  T* v = buffer;                             // [kMaxTiles][n^2][c_in]
+  T* m = buffer + n * n * kMaxTiles * c_in;  // [kMaxTiles][n^2][chunk]
 
   // Tiles whose input holds an inf or NaN: the transforms' sums and differences would
   // turn one inf into NaN over the whole m x m block, so those take the direct conv
   // below.
-  int64_t nonfinite[kWinogradTiles];
+  int64_t nonfinite[kMaxTiles];
   int64_t n_nonfinite = 0;
   for (int64_t t = 0; t < tiles; ++t) {
     const TileOrigin o = tile_origin<M>(shape, tile0 + t);
@@ -157,8 +159,8 @@ void tile_block(const ConvBranch<T>& br, int64_t tile0, int64_t col_begin,
     if (probe != 0) nonfinite[n_nonfinite++] = t;
   }
 
-  const T* a_rows[kWinogradTiles];
-  T* c_rows[kWinogradTiles];
+  const T* a_rows[kMaxTiles];
+  T* c_rows[kMaxTiles];
   const KLayout one_run{1, c_in, 0};
   const int64_t u_size = packed_size<T>(c_in, br.weights.cols);  // one xi's
   // The products of one chunk of columns at a time (m holds one), every chunk reading

@@ -214,6 +214,17 @@ def test_few_tiles_run_the_direct_conv(m):
     torch.testing.assert_close(winograd, direct, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("m", [2, 4, None], ids=["F2", "F4", "direct"])
+def test_a_block_takes_a_short_remainder(m):
+    """25 tiles are one block of 25 (24 + a remainder under a micro-tile's rows), a 7x7
+    map's 49 pixels one block of 49 for the direct conv: every output as the reference."""
+    shape = (25, 8, m, m) if m else (1, 8, 7, 7)
+    x, weight, bias = conv_case(shape, 40, 1, 1.0)
+    out = conv_program(weight, bias, 1, m).forward(x)
+    expected = reference(x, weight, bias, 1).float()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("m", [2, 4])
 def test_tasks_of_several_column_chunks(m, threads):
