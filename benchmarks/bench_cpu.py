@@ -38,6 +38,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RUN_FIELDS = ["time_utc", "cpu", "cores", "threads", "torch", "commit"]
 FIELDS = [
     *RUN_FIELDS,
+    "capability",
     "config",
     "batch",
     "dtype",
@@ -50,8 +51,10 @@ FIELDS = [
 ]
 
 
-def machine_slug(model: str, cores: int) -> str:
-    return f"{slugify(model)}-{cores}c"
+def machine_slug(model: str, cores: int, capability: str) -> str:
+    """A results file's machine key: 'amd-epyc-2c-avx512' (torch's CPU capability names
+    the ISA the kernels run: the same CPU name is sold with and without AVX-512)."""
+    return f"{slugify(model)}-{cores}c-{capability.lower()}"
 
 
 def time_interleaved(
@@ -152,8 +155,9 @@ def results_table() -> str:
         first = rows[0]
         out += [
             (
-                f"{first['cpu']}, {first['cores']} cores, {first['threads']} threads, torch "
-                f"{first['torch']}, commit {first['commit']}, {first['dtype']}, eval, "
+                f"{first['cpu']} (torch capability {first['capability']}), {first['cores']} "
+                f"cores, {first['threads']} threads, torch {first['torch']}, commit "
+                f"{first['commit']}, {first['dtype']}, eval, "
                 f"median ms [q20, q80] over {min(int(r['runs']) for r in rows)}+ runs:"
             ),
             "",
@@ -213,6 +217,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "commit": git_commit(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
         "dtype": "float32",
     }
     print(
@@ -252,7 +257,8 @@ def main() -> None:
                 f"{med[eager] / med['fused']:>7.2f}x {vs_compile}",
                 flush=True,
             )
-    path = append_rows(f"cpu-{machine_slug(model, cores)}.csv", FIELDS, rows)
+    slug = machine_slug(model, cores, meta["capability"])
+    path = append_rows(f"cpu-{slug}.csv", FIELDS, rows)
     print(f"eager = faster of channels_last / NCHW; [q20,q80]; appended to {path}")
 
 

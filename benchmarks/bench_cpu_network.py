@@ -415,7 +415,7 @@ def main() -> None:
         print(results_table(args.model))
         return
     rows = measure(args)
-    slug = machine_slug(cpu_model(), os.cpu_count() or 1)
+    slug = machine_slug(cpu_model(), os.cpu_count() or 1, str(rows[0]["capability"]))
     path = append_rows(csv_glob(args.model).replace("*", slug), FIELDS, rows)
     print(f"appended to {path}")
     if not args.no_readme:
