@@ -84,7 +84,8 @@ PROVIDERS = (
     "openvino",
     "openvino-f32",
 )
-# Max |logits - eager|: fp32 engines agree to rounding; OpenVINO's default may be bf16.
+# Max |logits - eager| over max(1, max |eager logit|): fp32 engines agree to rounding;
+# OpenVINO's default may be bf16 (7e-4 off on GoogLeNet's logits, 0.2 on Inception-v3's).
 TOLERANCE = {"openvino": 5e-2}
 ISA_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq")
 ISA_EXTRA = ("avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
@@ -231,12 +232,13 @@ def worker(args: argparse.Namespace) -> None:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             err = (torch.as_tensor(fn(x)) - expected).abs().max().item()
+            scale = max(1.0, expected.abs().max().item())
             for _ in range(2):  # warmup: compilation, primitives, the plan
                 fn(x)
             timer = Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=threads)
             m = timer.blocked_autorange(min_run_time=args.min_time_s)
         times = [t * 1e3 for t in m.times]
-        print(json.dumps({"batch": batch, "times_ms": times, "err": err}), flush=True)
+        print(json.dumps({"batch": batch, "times_ms": times, "err": err, "scale": scale}))
 
 
 def run_worker(
@@ -310,7 +312,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, object]]:
                     key = (name, res["batch"])
                     times.setdefault(key, []).extend(res["times_ms"])
                     errors[key] = max(errors.get(key, 0.0), res["err"])
-                    if res["err"] > TOLERANCE.get(name, 1e-3):
+                    if res["err"] > TOLERANCE.get(name, 1e-3) * res["scale"]:
                         raise AssertionError(f"{key}: max |out - eager| = {res['err']}")
             print(f"round {r + 1}/{args.rounds} done", flush=True)
     rows = []

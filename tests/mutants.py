@@ -74,8 +74,8 @@ MUTANTS = [
     Mutant(
         "network-plan-reads-bgr",
         "csrc/layers.cpp",
-        "const T v = src[n * sn + c * sc + h * sh + w * sw];",
-        "const T v = src[n * sn + (c_in - 1 - c) * sc + h * sh + w * sw];",
+        "const T* x_row = src + n * sn + c * sc + h * sh;",
+        "const T* x_row = src + n * sn + (c_in - 1 - c) * sc + h * sh;",
         ("tests/test_network.py", "-k", "parity_aux_and_transform_input"),
     ),
     # --- Triton kernels, one or more per family

@@ -143,3 +143,28 @@ def test_compile_provider(tmp_path: Path) -> None:
             r["provider"] for r in csv.DictReader(f) if r["metric"] == "time_ms"
         }
     assert providers == {"eager", "compile"}
+
+
+def test_cpu_results_are_kept_per_capability(tmp_path: Path, monkeypatch) -> None:
+    """bench_cpu keeps a results file per CPU name, cores and torch capability (the same
+    EPYC name comes with and without AVX-512), and its table names each file's."""
+    import bench_cpu
+
+    monkeypatch.setattr(bench_cpu, "RESULTS", tmp_path)
+    for capability in ("AVX2", "AVX512"):
+        slug = bench_cpu.machine_slug("AMD EPYC", 2, capability)
+        row = dict.fromkeys(bench_cpu.FIELDS, "1") | {
+            "time_utc": "2026-12-01",
+            "cpu": "AMD EPYC",
+            "capability": capability,
+            "config": "3a",
+        }
+        rows = [row | {"method": method} for method in ("fused", "eager")]
+        bench_cpu.append_rows(f"cpu-{slug}.csv", bench_cpu.FIELDS, rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cpu-amd-epyc-2c-avx2.csv",
+        "cpu-amd-epyc-2c-avx512.csv",
+    ]
+    table = bench_cpu.results_table()
+    assert "AMD EPYC (torch capability AVX2)" in table
+    assert "AMD EPYC (torch capability AVX512)" in table
