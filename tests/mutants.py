@@ -179,6 +179,27 @@ MUTANTS = [
         "w1 = std::min(w + 1, s.width);",
         ("tests/test_cpu_backend.py",),
     ),
+    Mutant(  # every pool's 4-vector pass reads its first vector four times
+        "csrc-pool-reads-one-vector-of-four",
+        "csrc/inception_cpu.h",
+        "load<U>(row + w * in.channels + v * kLanes)",
+        "load<U>(row + w * in.channels)",
+        ("tests/test_network.py", "-k", "parity_sizes and not empty"),
+    ),
+    Mutant(  # a batch-1 7x7 map runs Winograd on its 4 tiles
+        "csrc-winograd-on-few-tiles",
+        "csrc/inception_cpu.h",
+        "return br.winograd && winograd_tiles(br.out_shape, br.winograd_tile) >= kTileRows;",
+        "return br.winograd;",
+        ("tests/test_winograd.py", "-k", "few_tiles"),
+    ),
+    Mutant(  # the last block leaves its short remainder uncomputed
+        "csrc-last-block-drops-its-remainder",
+        "csrc/inception_cpu.h",
+        "return block + 1 < block_count(rows, size) ? size : rows - block * size;",
+        "return std::min(size, rows - block * size);",
+        ("tests/test_winograd.py", "-k", "remainder"),
+    ),
     Mutant(  # Inception-v3's pool branches: TensorFlow's average counts the padding
         "csrc-avg-pool-counts-padding",
         "csrc/conv.cpp",
