@@ -238,7 +238,8 @@ def worker(args: argparse.Namespace) -> None:
             timer = Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=threads)
             m = timer.blocked_autorange(min_run_time=args.min_time_s)
         times = [t * 1e3 for t in m.times]
-        print(json.dumps({"batch": batch, "times_ms": times, "err": err, "scale": scale}))
+        result = {"batch": batch, "times_ms": times, "err": err, "scale": scale}
+        print(json.dumps(result), flush=True)
 
 
 def run_worker(

@@ -155,14 +155,17 @@ inline void pool_window(const PaddedMap<T>& in, int64_t n, int64_t h0, int64_t h
         }
       }
     }
-    for (int v = 0; v < NV; ++v) store(dst + c + v * kLanes, max ? acc[v] : acc[v] * scale);
+    for (int v = 0; v < NV; ++v)
+      store(dst + c + v * kLanes, max ? acc[v] : acc[v] * scale);
   };
   using V = typename Simd<T>::type;
   constexpr int64_t W = Simd<T>::width;
+  const std::integral_constant<int, 4> four;
+  const std::integral_constant<int, 1> one;
   int64_t c = 0;
-  for (; c + 4 * W <= in.channels; c += 4 * W) pass(V{}, std::integral_constant<int, 4>{}, c);
-  for (; c + W <= in.channels; c += W) pass(V{}, std::integral_constant<int, 1>{}, c);
-  for (; c < in.channels; ++c) pass(T{}, std::integral_constant<int, 1>{}, c);
+  for (; c + 4 * W <= in.channels; c += 4 * W) pass(V{}, four, c);
+  for (; c + W <= in.channels; c += W) pass(V{}, one, c);
+  for (; c < in.channels; ++c) pass(T{}, one, c);
 }
 
 // A pool of the input taken while a 1x1 conv loads it: 3x3 windows, stride 1, padding
@@ -241,8 +244,8 @@ inline int64_t winograd_tile_of(int64_t u_rows, int64_t c_in) {
 }
 
 // A thread's scratch for winograd_tile_block: n^2 * (the most tiles of a block) *
-// (C + chunk_cols),
-// n = m + 2 (the transformed inputs, then the products of one column chunk).
+// (C + chunk_cols), n = m + 2 (the transformed inputs, then the products of one column
+// chunk).
 template <typename T>
 int64_t winograd_buffer_size(int64_t m, int64_t c_in) {
   return (m + 2) * (m + 2) * max_block_rows(kWinogradTiles) * (c_in + chunk_cols<T>());
@@ -254,8 +257,9 @@ template <typename T>
 void winograd_weights(const T* w, int64_t c_in, int64_t cols, int64_t m, T* u);
 
 // Output channels [col_begin, col_end) of the block of tiles starting at tile0 (a
-// multiple of kWinogradTiles; block_rows tells how many) of a 3x3 branch, col_begin a multiple of chunk_cols: the inputs are transformed once,
-// then multiplied a chunk at a time. buffer: a thread's winograd_buffer_size scratch.
+// multiple of kWinogradTiles; block_rows tells how many) of a 3x3 branch, col_begin a
+// multiple of chunk_cols: the inputs are transformed once, then multiplied a chunk at a
+// time. buffer: a thread's winograd_buffer_size scratch.
 template <typename T>
 void winograd_tile_block(const ConvBranch<T>& branch, int64_t tile0, int64_t col_begin,
                          int64_t col_end, T* buffer);
