@@ -166,9 +166,11 @@ constexpr int kTileRows = 12;
 constexpr int kTileRows = 6;
 #endif
 constexpr int kTileVecs = 2;
-// B rows a micro-tile asks for ahead of the one it multiplies: a memory latency (~100
-// ns) over a row's time (a few ns). 8 to 32 measured alike; 0 was 6-8% slower at batch 1.
-constexpr int64_t kPrefetchRows = 16;
+// B rows a panel's first micro-tile asks for ahead of the one it multiplies: a memory
+// latency (~100 ns) over a row's time (a few ns). 0 was 6-8% slower at batch 1 than 16;
+// 32 is 3% faster than 16 (Winograd's short panels, K = C_in, end before 16 rows of
+// hints have arrived), 48 as fast as 32.
+constexpr int64_t kPrefetchRows = 32;
 
 // B packed for gemm: column panels in the order gemm walks them (kTileVecs vectors wide
 // while a whole panel fits, then one vector wide, the last one zero-padded to a whole
@@ -216,7 +218,8 @@ T packed_at(const T* b, int64_t k, int64_t cols, int64_t row, int64_t col) {
 // loads and stores; the panel's padding is zeros).
 template <typename T, int MR, int NV, bool Edge>
 inline void micro_tile(const T* const* a_rows, const KLayout& kl, const T* b,
-                       const T* bias, T* const* c_rows, int64_t j, int lanes) {
+                       const T* bias, T* const* c_rows, int64_t j, int lanes,
+                       const T* ahead, int64_t ahead_step) {
   using V = typename Simd<T>::type;
   constexpr int W = Simd<T>::width;
   constexpr int64_t ldb = NV * W;
@@ -227,13 +230,13 @@ inline void micro_tile(const T* const* a_rows, const KLayout& kl, const T* b,
     for (int i = 0; i < MR; ++i) a[i] = a_rows[i] + s * kl.a_seg_stride;
     const T* b_row = b + s * kl.seg_len * ldb;
     for (int64_t k = 0; k < kl.seg_len; ++k, b_row += ldb) {
-      // A panel's first row tile streams B from memory (a batch-1 forward's weights are
-      // cold): asked for kPrefetchRows ahead, they arrive while this row multiplies
-      // (later row tiles find them cached; their hints cost an issue slot). Past B's
-      // end the hint is dropped harmlessly.
-      const T* ahead = b_row + kPrefetchRows * ldb;
+      // A batch-1 forward's weights are cold: one hint per row of B, walking from
+      // `ahead` (panel() says which bytes: this panel's rows kPrefetchRows ahead, or a
+      // share of the next panel's), arrives before the row that needs it. A hint past
+      // B's end is dropped harmlessly.
       __builtin_prefetch(ahead);
       if constexpr (ldb * sizeof(T) > 64) __builtin_prefetch(ahead + 64 / sizeof(T));
+      ahead += ahead_step;
       V bv[NV];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) bv[v] = load<V>(b_row + v * W);
@@ -267,23 +270,36 @@ inline void micro_tile(const T* const* a_rows, const KLayout& kl, const T* b,
 // A full-height tile (MR = kTileRows) or the block's last, shorter one (mr < MR).
 template <typename T, int NV, bool Edge, int MR = kTileRows>
 inline void row_tile(int64_t mr, const T* const* a_rows, const KLayout& kl, const T* b,
-                     const T* bias, T* const* c_rows, int64_t j, int lanes) {
+                     const T* bias, T* const* c_rows, int64_t j, int lanes,
+                     const T* ahead, int64_t ahead_step) {
   if constexpr (MR > 1) {
     if (mr < MR) {
-      row_tile<T, NV, Edge, MR - 1>(mr, a_rows, kl, b, bias, c_rows, j, lanes);
+      row_tile<T, NV, Edge, MR - 1>(mr, a_rows, kl, b, bias, c_rows, j, lanes, ahead,
+                                    ahead_step);
       return;
     }
   }
-  micro_tile<T, MR, NV, Edge>(a_rows, kl, b, bias, c_rows, j, lanes);
+  micro_tile<T, MR, NV, Edge>(a_rows, kl, b, bias, c_rows, j, lanes, ahead, ahead_step);
 }
 
 // The tiles of one column panel [j, j + NV * width), its last vector `lanes` wide.
+// The first row tile streams the panel, prefetching kPrefetchRows ahead; the later
+// ones find it cached and spend their prefetches on `next` (next_size elements, the
+// B multiplied after this panel), a share each, so it too arrives before it is needed.
 template <typename T, int NV, bool Edge>
 inline void panel(int64_t rows, const T* const* a_rows, const KLayout& kl, const T* b,
-                  const T* bias, T* const* c_rows, int64_t j, int lanes) {
-  for (int64_t i = 0; i < rows; i += kTileRows)
+                  const T* bias, T* const* c_rows, int64_t j, int lanes, const T* next,
+                  int64_t next_size) {
+  constexpr int64_t ldb = NV * Simd<T>::width;
+  const int64_t k = kl.segments * kl.seg_len, tiles = (rows + kTileRows - 1) / kTileRows;
+  const int64_t share = next && tiles > 1 ? (next_size + tiles - 2) / (tiles - 1) : 0;
+  for (int64_t i = 0, t = 0; i < rows; i += kTileRows, ++t) {
+    const bool own = t == 0 || share == 0;
+    const T* ahead = own ? b + kPrefetchRows * ldb : next + (t - 1) * share;
+    const int64_t step = own ? ldb : (share + k - 1) / k;
     row_tile<T, NV, Edge>(std::min<int64_t>(kTileRows, rows - i), a_rows + i, kl, b,
-                          bias, c_rows + i, j, lanes);
+                          bias, c_rows + i, j, lanes, ahead, step);
+  }
 }
 
 // C[:, col_begin:col_end] = relu(A @ B[:, col_begin:col_end] + bias) for `rows` rows
@@ -293,16 +309,25 @@ inline void panel(int64_t rows, const T* const* a_rows, const KLayout& kl, const
 // while it sits in L1/L2. Columns past a multiple of the width: one masked vector.
 template <typename T>
 void gemm(int64_t rows, const T* const* a_rows, const KLayout& kl, const T* b,
-          const T* bias, T* const* c_rows, int64_t col_begin, int64_t col_end) {
+          const T* bias, T* const* c_rows, int64_t col_begin, int64_t col_end,
+          const T* next_b = nullptr, int64_t next_size = 0) {
   constexpr int W = Simd<T>::width;
   const int64_t k = kl.segments * kl.seg_len;
+  // The B after panel j: the next panel, or after the last one the caller's next_b.
+  const auto next = [&](int64_t j_next) { return j_next < col_end ? b + j_next * k : next_b; };
+  const auto size = [&](int64_t j_next) {
+    return j_next < col_end ? k * panel_cols<T>(j_next, col_end) : next_size;
+  };
   int64_t j = col_begin;
   for (; j + kPanelCols<T> <= col_end; j += kPanelCols<T>)
-    panel<T, kTileVecs, false>(rows, a_rows, kl, b + j * k, bias, c_rows, j, W);
+    panel<T, kTileVecs, false>(rows, a_rows, kl, b + j * k, bias, c_rows, j, W,
+                               next(j + kPanelCols<T>), size(j + kPanelCols<T>));
   for (; j + W <= col_end; j += W)
-    panel<T, 1, false>(rows, a_rows, kl, b + j * k, bias, c_rows, j, W);
+    panel<T, 1, false>(rows, a_rows, kl, b + j * k, bias, c_rows, j, W, next(j + W),
+                       size(j + W));
   if (j < col_end)
-    panel<T, 1, true>(rows, a_rows, kl, b + j * k, bias, c_rows, j, col_end - j);
+    panel<T, 1, true>(rows, a_rows, kl, b + j * k, bias, c_rows, j, col_end - j,
+                      next_b, next_size);
 }
 
 }  // namespace inception_cpu

@@ -172,8 +172,14 @@ void tile_block(const ConvBranch<T>& br, int64_t tile0, int64_t col_begin,
         a_rows[t] = v + (t * n * n + xi) * c_in;
         c_rows[t] = m + (t * n * n + xi) * cols;
       }
+      // Next: this chunk's U of the next xi, or after the last the next chunk's first.
+      const int64_t next_xi = xi + 1 < n * n ? xi + 1 : 0;
+      const int64_t next_j0 = xi + 1 < n * n ? j0 : j0 + chunk_cols<T>();
+      const T* next = next_j0 < col_end ? br.winograd + next_xi * u_size + next_j0 * c_in
+                                        : nullptr;
+      const int64_t next_cols = std::min(chunk_cols<T>(), col_end - next_j0);
       gemm<T>(tiles, a_rows, one_run, br.winograd + xi * u_size + j0 * c_in, nullptr,
-              c_rows, 0, cols);
+              c_rows, 0, cols, next, next ? c_in * next_cols : 0);
     }
     const T* bias = br.weights.bias + j0;
     for (int64_t t = 0; t < tiles; ++t) {
