@@ -70,6 +70,77 @@ double fp32_peak_gflops(int64_t steps) {
   return 2.0 * kChains * Simd<float>::width * steps * threads / took.count() / 1e9;
 }
 
+// A cached plan's per-call check, in C++ because the forward before it evicted every
+// cache level: Python waits for each cold object in turn (0.2 ms to read GoogLeNet's 344
+// tensors' versions, 0.17 ms for its 224 modules' hook dicts), a loop here overlaps the
+// misses. Both read the dicts afresh (torch.func.functional_call writes into them).
+
+// A tensor's version counter; -1 for inference tensors (they have none) and non-tensors.
+int64_t version_of(PyObject* value) {
+  if (!THPVariable_Check(value)) return -1;
+  const at::Tensor& t = THPVariable_Unpack(value);
+  return t.is_inference() ? -1 : static_cast<int64_t>(t._version());
+}
+
+// The tensors in some modules' _parameters / _buffers dicts (None entries skipped, as
+// fold_cache.dict_tensors lists them) and their versions when made: `unchanged` is
+// whether the dicts still hold the same objects at the same versions.
+class TensorWatch {
+ public:
+  explicit TensorWatch(const pybind11::sequence& dicts) {
+    for_each_tensor(dicts, [&](PyObject* value) {
+      tensors_.push_back(pybind11::reinterpret_borrow<pybind11::object>(value));
+      versions_.push_back(version_of(value));
+      return true;
+    });
+  }
+
+  bool unchanged(const pybind11::sequence& dicts) const {
+    size_t i = 0;
+    const bool same = for_each_tensor(dicts, [&](PyObject* value) {
+      const bool match = i < tensors_.size() && tensors_[i].ptr() == value &&
+                         versions_[i] == version_of(value);
+      ++i;
+      return match;
+    });
+    return same && i == tensors_.size();
+  }
+
+ private:
+  // fn(value) for each non-None value, in order, while it returns true.
+  template <typename F>
+  static bool for_each_tensor(const pybind11::sequence& dicts, const F& fn) {
+    for (const pybind11::handle d : dicts) {
+      TORCH_CHECK(PyDict_Check(d.ptr()), "TensorWatch: expected dicts of tensors");
+      PyObject *key, *value;
+      Py_ssize_t pos = 0;
+      while (PyDict_Next(d.ptr(), &pos, &key, &value))
+        if (value != Py_None && !fn(value)) return false;
+    }
+    return true;
+  }
+
+  std::vector<pybind11::object> tensors_;  // held: their ids stay unique
+  std::vector<int64_t> versions_;
+};
+
+// Whether any of `modules` has a forward or forward-pre hook of its own.
+bool any_forward_hooks(const pybind11::sequence& modules) {
+  static PyObject* const names[] = {PyUnicode_InternFromString("_forward_hooks"),
+                                    PyUnicode_InternFromString("_forward_pre_hooks")};
+  for (const pybind11::handle m : modules) {
+    const auto attrs = pybind11::reinterpret_steal<pybind11::object>(
+        PyObject_GenericGetDict(m.ptr(), nullptr));
+    if (!attrs) throw pybind11::error_already_set();
+    for (PyObject* name : names) {
+      PyObject* hooks = PyDict_GetItemWithError(attrs.ptr(), name);  // borrowed
+      if (!hooks && PyErr_Occurred()) throw pybind11::error_already_set();
+      if (hooks && PyObject_IsTrue(hooks)) return true;
+    }
+  }
+  return false;
+}
+
 }  // namespace inception_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -88,6 +159,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("profile", &inception_cpu::Program::profile,
            "One forward of x: the milliseconds each op took, in order",
            pybind11::arg("x"), pybind11::call_guard<pybind11::gil_scoped_release>());
+  pybind11::class_<inception_cpu::TensorWatch>(
+      m, "TensorWatch", pybind11::module_local(),
+      "The tensors some modules' _parameters / _buffers dicts hold, and their versions")
+      .def(pybind11::init<const pybind11::sequence&>(), pybind11::arg("dicts"))
+      .def("unchanged", &inception_cpu::TensorWatch::unchanged,
+           "Whether `dicts` hold the same tensor objects at the same versions",
+           pybind11::arg("dicts"));
+  m.def("any_forward_hooks", &inception_cpu::any_forward_hooks,
+        "Whether any of the modules has a forward or forward-pre hook of its own",
+        pybind11::arg("modules"));
   m.def("cpu_runs", &inception_cpu::cpu_runs,
         "Whether this CPU runs the 'avx2' or 'avx512' build", pybind11::arg("isa"));
   m.def("vector_bits", [] { return 8 * inception_cpu::kVectorBytes; },

@@ -45,6 +45,7 @@ _events: collections.deque[tuple[int, frozenset[int] | None]] = collections.dequ
 )
 _event_count = 0
 _structure_count = 0
+_clear_count = 0
 
 
 def _record(ids: frozenset[int] | None) -> None:
@@ -83,6 +84,14 @@ def structure_version() -> int:
     assign=True)``, parametrizations): owners that cache *which* tensors or modules to
     watch look them up again when it changed."""
     return _structure_count
+
+
+def epoch() -> tuple[int, int, int]:
+    """Counts of what can make a FoldCache stale without a watched tensor's version
+    moving: module registrations, invalidation events (optimizer steps,
+    :func:`invalidate_all`) and :meth:`FoldCache.clear` calls, process-wide. Two equal
+    epochs: none of them happened in between."""
+    return (_structure_count, _event_count, _clear_count)
 
 
 def _after_registration(*_: Any) -> None:
@@ -148,6 +157,8 @@ class FoldCache(Generic[T]):
 
     def clear(self) -> None:
         """Drop the value: the next :meth:`get` rebuilds."""
+        global _clear_count
+        _clear_count += 1
         self._value: T | None = None
         self._tensors: tuple[torch.Tensor | None, ...] = ()
         self._ids: frozenset[int] = frozenset()

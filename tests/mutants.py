@@ -71,6 +71,20 @@ MUTANTS = [
         "                return plan(torch.zeros_like(x))\n",
         ("tests/test_network.py", "-k", "parity_sizes and not empty"),
     ),
+    Mutant(  # the per-call check takes a tensor swapped into a dict for the old one
+        "csrc-tensor-watch-ignores-identity",
+        "csrc/bindings.cpp",
+        "const bool match = i < tensors_.size() && tensors_[i].ptr() == value &&",
+        "const bool match = i < tensors_.size() &&",
+        ("tests/test_network.py", "-k", "replaced_in_the_dicts"),
+    ),
+    Mutant(  # the per-call check blind to hooks added after the plan ran
+        "csrc-hooks-walk-skips-pre-hooks",
+        "csrc/bindings.cpp",
+        'PyUnicode_InternFromString("_forward_pre_hooks")',
+        'PyUnicode_InternFromString("_forward_hooks")',
+        ("tests/test_network.py", "-k", "hooks_added_after"),
+    ),
     Mutant(
         "network-plan-reads-bgr",
         "csrc/layers.cpp",

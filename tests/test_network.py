@@ -139,6 +139,62 @@ def test_plan_is_reused_and_rebuilt_on_changes():
         close(fused(x), ref(x))
 
 
+def test_confirmed_plan_skips_the_fold_caches(monkeypatch):
+    """A plan confirmed current runs without the blocks' fold caches being asked; a
+    change makes the next call ask them again."""
+    from inception_fused import network
+
+    fused, ref = fused_pair()
+    x = torch.randn(1, 3, 64, 64)
+    run_plan(fused, x)
+    asked = []
+    folded = network.blocks_folded
+    monkeypatch.setattr(
+        network, "blocks_folded", lambda *a: asked.append(1) or folded(*a)
+    )
+    with torch.no_grad():
+        fused(x)
+        assert asked == []
+        for model in (fused, ref):
+            model.inception5b.branch4[1].bn.bias.add_(0.1)
+        close(fused(x), ref(x))
+        assert asked == [1]
+        fused(x)
+        assert asked == [1]
+
+
+def test_plan_sees_tensors_replaced_in_the_dicts():
+    """What torch.func.functional_call does: a tensor swapped straight into a module's
+    _parameters / _buffers dict, no registration hook, the old one's version unmoved."""
+    fused, ref = fused_pair()
+    x = torch.randn(1, 3, 64, 64)
+    run_plan(fused, x)
+    with torch.no_grad():
+        for name in ("running_mean", "running_var"):
+            new = torch.rand_like(ref.inception4a.branch3[0].bn._buffers[name]) + 0.5
+            for model in (fused, ref):
+                model.inception4a.branch3[0].bn._buffers[name] = new.clone()
+        close(fused(x), ref(x))
+        new = torch.randn_like(ref.conv3.conv.weight) * 0.1
+        for model in (fused, ref):
+            model.conv3.conv._parameters["weight"] = torch.nn.Parameter(new.clone())
+        close(fused(x), ref(x))
+
+
+def test_plan_refolds_a_block_switched_train_and_back():
+    """A block's train()/eval() clears its fold (what changed during training may have
+    bypassed every version counter, e.g. edits through .data): the network plan too."""
+    fused, ref = fused_pair()
+    x = torch.randn(1, 3, 64, 64)
+    run_plan(fused, x)
+    for model in (fused, ref):
+        model.inception3b.branch2[1].conv.weight.data.mul_(1.5)  # no version bump
+        model.inception3b.train()
+        model.inception3b.eval()
+    with torch.no_grad():
+        close(fused(x), ref(x))
+
+
 def test_plan_rebuilt_after_load_state_dict_and_to():
     fused, _ = fused_pair(seed=1)
     other = torchvision_googlenet(seed=2)
@@ -253,6 +309,22 @@ def test_hooks_take_torchvision_forward():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         close(fused(x), ref(x))
+    assert seen == [1]
+
+
+@pytest.mark.parametrize("kind", ["forward", "forward_pre"])
+def test_hooks_added_after_the_plan_ran_are_called(kind):
+    fused, ref = fused_pair()
+    x = torch.randn(1, 3, 64, 64)
+    run_plan(fused, x)
+    seen = []
+    module = fused.conv2.bn  # (a block runs fused either way: its children's hooks don't)
+    handle = getattr(module, f"register_{kind}_hook")(lambda *_: seen.append(1))
+    with torch.no_grad():
+        close(fused(x), ref(x))
+        assert seen == [1]
+        handle.remove()
+        fused(x)
     assert seen == [1]
 
 
