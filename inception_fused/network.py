@@ -31,9 +31,9 @@ import torch
 from torch import nn
 from torchvision.models.googlenet import BasicConv2d, GoogLeNet
 
-from .cpu import CPU_DTYPES, load_extension
+from .cpu import CPU_DTYPES, Confirmed, has_forward_hooks, load_extension
 from .eval_launch import inception_eval_forward
-from .fold_cache import FoldCache, epoch, module_tensors, tensor_dicts
+from .fold_cache import FoldCache, module_tensors
 from .folding import FoldedInception, accumulator_dtype, fold_conv_block
 from .kernels.conv import launch_conv_relu, pooled_size
 from .kernels.head import launch_avg_pool_fc
@@ -134,18 +134,12 @@ def blocks_folded(model: GoogLeNet, dtype: torch.dtype) -> tuple[FoldedInception
     return tuple(getattr(model, name).folded(dtype) for name, _ in BLOCKS)
 
 
-def _has_global_hooks() -> bool:
+def _has_hooks(modules: tuple[nn.Module, ...]) -> bool:
     from torch.nn.modules import module as module_globals
 
-    return bool(
-        module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
-    )
-
-
-def _has_hooks(modules: tuple[nn.Module, ...]) -> bool:
-    return _has_global_hooks() or any(
-        m._forward_hooks or m._forward_pre_hooks for m in modules
-    )
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 @dataclass
@@ -156,27 +150,10 @@ class NetworkPlan:
     dtype: torch.dtype
     folds: tuple[FoldedInception, ...]
     modules: tuple[nn.Module, ...]  # whose hooks would be skipped
-    # What FusedGoogLeNet._plan last confirmed the plan under: its key, fold_cache's
-    # epoch, the modules' tensor dicts and a _C.TensorWatch of them.
-    confirmed: tuple[Any, tuple[int, int, int], tuple[dict, ...], Any] | None = None
+    confirmed: Confirmed | None = None  # FusedGoogLeNet._plan's shortcut
 
     def has_hooks(self) -> bool:
-        # The C++ walk: Python's waits for each module the forward evicted from cache.
-        return _has_global_hooks() or load_extension().any_forward_hooks(self.modules)
-
-    def confirm(self, key: Any) -> None:
-        """Record that the plan is current now, for :meth:`still_current`."""
-        dicts = tensor_dicts(self.modules)
-        self.confirmed = (key, epoch(), dicts, load_extension().TensorWatch(dicts))
-
-    def still_current(self, key: Any) -> bool:
-        """Whether nothing that could make the plan stale happened since :meth:`confirm`:
-        same key, no module registration, optimizer step or fold cache cleared anywhere
-        (fold_cache.epoch), and the same tensor objects at the same versions in every
-        module's dicts. One C++ pass over them, where the blocks' and the stem's fold
-        caches take 0.3 ms of Python after a forward evicted their objects."""
-        c = self.confirmed
-        return c is not None and c[0] == key and c[1] == epoch() and c[3].unchanged(c[2])
+        return has_forward_hooks(self.modules)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.cpp.forward(x)
@@ -344,10 +321,10 @@ class FusedGoogLeNet(GoogLeNet):
         """The cached plan, rebuilt as a block's fold would be (fold_cache.FoldCache:
         replaced or written tensors, optimizer steps, train-mode forwards through
         ``num_batches_tracked``) or when a block refolded. A C++ plan confirmed current
-        (NetworkPlan.still_current) skips the fold caches' Python checks."""
+        (cpu.Confirmed) skips the fold caches' Python checks."""
         plan = self._network_plan
         key = (dtype, backend, self.transform_input)
-        if isinstance(plan, NetworkPlan) and plan.still_current(key):
+        if isinstance(plan, NetworkPlan) and plan.confirmed and plan.confirmed.current(key):
             return plan
         folds = blocks_folded(self, dtype)
         cache = self.__dict__.get("_plan_cache")
@@ -362,7 +339,7 @@ class FusedGoogLeNet(GoogLeNet):
             key,
         )
         if isinstance(plan, NetworkPlan):
-            plan.confirm(key[:-1])
+            plan.confirmed = Confirmed(key[:-1], plan.modules)
         return plan
 
     def train(self, mode: bool = True) -> FusedGoogLeNet:

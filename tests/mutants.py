@@ -85,6 +85,13 @@ MUTANTS = [
         'PyUnicode_InternFromString("_forward_hooks")',
         ("tests/test_network.py", "-k", "hooks_added_after"),
     ),
+    Mutant(  # Inception-v3's program cache blind to tensors inside its layers' submodules
+        "v3-program-watches-only-its-layers-own-tensors",
+        "inception_fused/inception_v3.py",
+        "run = cache.get(module_tensors(modules), build",
+        "run = cache.get(module_tensors(layers), build",
+        ("tests/test_inception_v3.py", "-k", "edits_and_train_mode"),
+    ),
     Mutant(
         "network-plan-reads-bgr",
         "csrc/layers.cpp",

@@ -233,12 +233,21 @@ def test_edits_and_train_mode_updates_are_seen():
     model = torchvision_model()
     fused = fuse_inception_v3(copy.deepcopy(model))
     x = torch.randn(1, 3, 75, 75)
+    edits = [  # each alone: a conv weight and a BN statistic inside blocks, the FC
+        lambda m: m.Mixed_6b.branch7x7dbl_3.conv.weight.mul_(1.5),
+        lambda m: m.Conv2d_1a_3x3.bn.running_var.mul_(2.0),
+        lambda m: m.fc.bias.add_(1.0),
+    ]
     with torch.no_grad():
         fused(x)  # builds the program
+        for edit in edits:
+            for m in (model, fused):
+                edit(m)
+            assert_close(fused(x), model(x), torch.float32)
+        # What torch.func.functional_call does: a tensor swapped into a module's dict.
+        new = torch.rand_like(model.Mixed_5b.branch1x1.bn.running_var) + 0.5
         for m in (model, fused):
-            m.Mixed_6b.branch7x7dbl_3.conv.weight.mul_(1.5)
-            m.Conv2d_1a_3x3.bn.running_var.mul_(2.0)
-            m.fc.bias.add_(1.0)
+            m.Mixed_5b.branch1x1.bn._buffers["running_var"] = new.clone()
         assert_close(fused(x), model(x), torch.float32)
     for m in (model, fused):  # train-mode forwards move the running statistics
         m.train()
@@ -281,6 +290,21 @@ def test_reference_paths_stay():
     block.branch_pool.register_forward_hook(lambda *a: seen.append(1))
     with torch.no_grad():
         block(x)
+    assert seen == [1]
+
+
+def test_hooks_added_after_the_program_ran_are_called():
+    model = fuse_inception_v3(torchvision_model())
+    x = torch.randn(1, 3, 75, 75)
+    seen = []
+    with torch.no_grad():
+        model(x)
+        model(x)  # the confirmed program's shortcut
+        handle = model.Mixed_6c.branch1x1.register_forward_pre_hook(lambda *a: seen.append(1))
+        model(x)
+        assert seen == [1]
+        handle.remove()
+        model(x)
     assert seen == [1]
 
 
