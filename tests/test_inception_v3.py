@@ -293,6 +293,24 @@ def test_reference_paths_stay():
     assert seen == [1]
 
 
+def test_confirmed_program_skips_the_full_test(monkeypatch):
+    """After a call confirmed the C++ program, the next ones skip the Python test (the
+    layers' walk and the fold cache); an edit brings it back for one call."""
+    model = fuse_inception_v3(torchvision_model())
+    x = torch.randn(1, 3, 75, 75)
+    walks = []
+    layers = type(model)._layers
+    monkeypatch.setattr(type(model), "_layers", lambda self: walks.append(1) or layers(self))
+    with torch.no_grad():
+        model(x)
+        model(x)
+        assert walks == [1]
+        model.Mixed_7c.branch_pool.bn.running_mean.add_(0.1)
+        model(x)
+        model(x)
+    assert walks == [1, 1]
+
+
 def test_hooks_added_after_the_program_ran_are_called():
     model = fuse_inception_v3(torchvision_model())
     x = torch.randn(1, 3, 75, 75)
