@@ -28,7 +28,7 @@ achieved GFLOP/s (per image: GoogLeNet 3.0 GFLOP, Inception-v3 11.4, direct-conv
 and its fraction of the machine's fp32 peak; then it rewrites the README's table:
 
     python benchmarks/bench_cpu_network.py [--model googlenet|inception_v3]
-        [--batches 1 8] [--rounds 3] [--min-time-s 2]
+        [--batches 1 8] [--rounds 6] [--min-time-s 2]
     python benchmarks/bench_cpu_network.py --table    # the markdown only, from the CSVs
 """
 
@@ -403,7 +403,9 @@ def main() -> None:
     parser.add_argument(
         "--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS
     )
-    parser.add_argument("--rounds", type=int, default=3, help="processes per engine")
+    parser.add_argument(
+        "--rounds", type=int, default=6, help="processes per engine (the VM's phases last minutes)"
+    )
     parser.add_argument(
         "--min-time-s", type=float, default=2.0, help="timed per engine, batch, round"
     )
