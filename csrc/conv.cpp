@@ -87,9 +87,10 @@ void conv_step(const ConvBranch<T>* branches, int64_t count) {
     const ConvBranch<T>* branch;
     int64_t first;  // first pixel (implicit GEMM) or tile (Winograd) of the block
     int64_t begin, end;
+    double cost = 0;  // work(), kept for the sort below
 
     // Multiply-adds, plus one per element the transforms or the pool read.
-    double cost() const {
+    double work() const {
       const ConvBranch<T>& br = *branch;
       const double cols = end - begin, c_in = br.input.channels;
       if (runs_winograd(br)) {
@@ -144,8 +145,9 @@ void conv_step(const ConvBranch<T>* branches, int64_t count) {
   // Largest first (stable: equal tasks keep the order above), so the last tasks to
   // finish are short and the threads end the step together: the dynamic schedule's
   // idle tail was 5% of a batch-1 forward with a pool or Winograd task last.
+  for (Task& task : tasks) task.cost = task.work();
   std::stable_sort(tasks.begin(), tasks.end(),
-                   [](const Task& a, const Task& b) { return a.cost() > b.cost(); });
+                   [](const Task& a, const Task& b) { return a.cost > b.cost; });
 
   const int64_t pool_size = max_block_rows(kBlockRows) * pool_channels;
   const int64_t buffer_size = std::max(pool_size, winograd_size);
