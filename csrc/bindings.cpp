@@ -2,6 +2,7 @@
 // layers as one call), the Winograd weight transform, and what the build runs.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <numeric>
@@ -70,76 +71,147 @@ double fp32_peak_gflops(int64_t steps) {
   return 2.0 * kChains * Simd<float>::width * steps * threads / took.count() / 1e9;
 }
 
-// A cached plan's per-call check, in C++ because the forward before it evicted every
-// cache level: Python waits for each cold object in turn (0.2 ms to read GoogLeNet's 344
-// tensors' versions, 0.17 ms for its 224 modules' hook dicts), a loop here overlaps the
-// misses. Both read the dicts afresh (torch.func.functional_call writes into them).
-
-// A tensor's version counter; -1 for inference tensors (they have none) and non-tensors.
-int64_t version_of(PyObject* value) {
-  if (!THPVariable_Check(value)) return -1;
-  const at::Tensor& t = THPVariable_Unpack(value);
-  return t.is_inference() ? -1 : static_cast<int64_t>(t._version());
-}
-
-// The tensors in some modules' _parameters / _buffers dicts (None entries skipped, as
-// fold_cache.dict_tensors lists them) and their versions when made: `unchanged` is
-// whether the dicts still hold the same objects at the same versions.
-class TensorWatch {
+// What a cached program assumed of its modules, tested in one pass per call: each
+// module's class, its attributes (the __dict__ entries, by identity), its parameters and
+// buffers (identity, version, requires_grad), its submodules and its forward hooks. In
+// C++ because the forward before the test evicted every cache level, and Python waits
+// on each cold object in turn (GoogLeNet: 0.3 ms for the plan's tests); here the lines
+// each dict's test reads are prefetched a few dicts ahead, so the misses overlap.
+class ModuleWatch {
  public:
-  explicit TensorWatch(const pybind11::sequence& dicts) {
-    for_each_tensor(dicts, [&](PyObject* value) {
-      tensors_.push_back(pybind11::reinterpret_borrow<pybind11::object>(value));
-      versions_.push_back(version_of(value));
-      return true;
-    });
+  // What changed, a bitmask: tensors (the owner's fold caches tell whether a rebuild is
+  // due), attributes or structure (a class, an attribute, a submodule: the program may
+  // read any of them), hooks.
+  enum Change : int { kTensors = 1, kAttributes = 2, kHooks = 4 };
+
+  // `held` gets a reference to every object recorded; its owner keeps it as long as
+  // the watch, so no address compared is freed and reused. A Python list, not references
+  // kept here: the owner is in a module's __dict__, and the garbage collector must see
+  // that cycle to free a model.
+  ModuleWatch(const pybind11::sequence& modules, pybind11::list held) {
+    const auto hold = [&](PyObject* object) { held.append(pybind11::handle(object)); };
+    static const std::pair<PyObject*, Change> watched[] = {
+        {PyUnicode_InternFromString("_parameters"), kTensors},
+        {PyUnicode_InternFromString("_buffers"), kTensors},
+        {PyUnicode_InternFromString("_modules"), kAttributes},
+        {PyUnicode_InternFromString("_forward_hooks"), kHooks},
+        {PyUnicode_InternFromString("_forward_pre_hooks"), kHooks}};
+    for (const pybind11::handle m : modules) {
+      const auto attrs = pybind11::reinterpret_steal<pybind11::object>(
+          PyObject_GenericGetDict(m.ptr(), nullptr));
+      if (!attrs) throw pybind11::error_already_set();
+      hold(m.ptr());
+      record(attrs.ptr(), kAttributes, m.ptr(), hold);
+      for (const auto& [name, kind] : watched) {
+        PyObject* d = PyDict_GetItemWithError(attrs.ptr(), name);  // borrowed
+        if (!d && PyErr_Occurred()) throw pybind11::error_already_set();
+        if (d && PyDict_Check(d)) record(d, kind, nullptr, hold);
+      }
+    }
   }
 
-  bool unchanged(const pybind11::sequence& dicts) const {
-    size_t i = 0;
-    const bool same = for_each_tensor(dicts, [&](PyObject* value) {
-      const bool match = i < tensors_.size() && tensors_[i].ptr() == value &&
-                         versions_[i] == version_of(value);
-      ++i;
-      return match;
-    });
-    return same && i == tensors_.size();
+  int changes() const {
+    int found = 0;
+    size_t prefetched = 0;
+    for (size_t i = 0; i < dicts_.size(); ++i) {
+      const Dict& d = dicts_[i];
+      for (const size_t end = dicts_[std::min(i + kAhead, dicts_.size() - 1)].lines_end;
+           prefetched < end; ++prefetched)
+        __builtin_prefetch(lines_[prefetched]);
+      if (d.module) {
+        const auto attrs = pybind11::reinterpret_steal<pybind11::object>(
+            PyObject_GenericGetDict(d.module, nullptr));
+        if (!attrs) throw pybind11::error_already_set();
+        if (Py_TYPE(d.module) != d.type || attrs.ptr() != d.dict) found |= kAttributes;
+      }
+      if (found & d.kind) continue;
+      if (PyDict_GET_SIZE(d.dict) != d.size) {
+        found |= d.kind;
+        continue;
+      }
+      PyObject *key, *value;
+      Py_ssize_t pos = 0;
+      for (const Entry* e = &entries_[d.first]; PyDict_Next(d.dict, &pos, &key, &value); ++e) {
+        // Identity first: only a tensor's object is read (ints, tuples, strings are
+        // immutable, and reading each would be a miss).
+        if (key != e->key || value != e->value || (e->state && state(value) != e->state)) {
+          found |= d.kind;
+          break;
+        }
+      }
+    }
+    return found;
   }
 
  private:
-  // fn(value) for each non-None value, in order, while it returns true.
-  template <typename F>
-  static bool for_each_tensor(const pybind11::sequence& dicts, const F& fn) {
-    for (const pybind11::handle d : dicts) {
-      TORCH_CHECK(PyDict_Check(d.ptr()), "TensorWatch: expected dicts of tensors");
-      PyObject *key, *value;
-      Py_ssize_t pos = 0;
-      while (PyDict_Next(d.ptr(), &pos, &key, &value))
-        if (value != Py_None && !fn(value)) return false;
-    }
-    return true;
+  // How many dicts ahead of its test a dict's lines are prefetched.
+  static constexpr size_t kAhead = 64;
+
+  struct Dict {
+    PyObject* dict;
+    Py_ssize_t size;
+    size_t first;      // its entries: entries_[first, first + size)
+    size_t lines_end;  // its lines and those of the dicts before: lines_[0, lines_end)
+    Change kind;
+    PyObject* module;  // whose __dict__ it is (its class and the dict itself tested), or null
+    PyTypeObject* type;
+  };
+  struct Entry {
+    PyObject *key, *value;
+    int64_t state;
+  };
+
+  // A tensor's version and requires_grad flag as one number (inference tensors have no
+  // version: -1); 0 for anything else, compared by identity alone.
+  static int64_t state(PyObject* value) {
+    if (!THPVariable_Check(value)) return 0;
+    const at::Tensor& t = THPVariable_Unpack(value);
+    const int64_t version = t.is_inference() ? -1 : static_cast<int64_t>(t._version());
+    return 2 * version + 4 + t.requires_grad();
   }
 
-  std::vector<pybind11::object> tensors_;  // held: their ids stay unique
-  std::vector<int64_t> versions_;
+  template <typename Hold>
+  void record(PyObject* dict, Change kind, PyObject* module, const Hold& hold) {
+    hold(dict);
+    // The module, the dict, the first lines of its keys (a combined dict's entries) and
+    // its values (a split dict's: a module's __dict__).
+    const auto* d = reinterpret_cast<PyDictObject*>(dict);
+    const Py_ssize_t size = PyDict_GET_SIZE(dict);
+    if (module) lines_.push_back(module);
+    lines_.push_back(dict);
+    for (int64_t offset = 0; offset < 64 + size * 24; offset += 64)
+      lines_.push_back(reinterpret_cast<const char*>(d->ma_keys) + offset);
+    for (int64_t offset = 0; d->ma_values && offset < size * 8; offset += 64)
+      lines_.push_back(reinterpret_cast<const char*>(d->ma_values) + offset);
+    const size_t first = entries_.size();
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(dict, &pos, &key, &value)) {
+      entries_.push_back({key, value, state(value)});
+      hold(key);
+      hold(value);
+      if (THPVariable_Check(value)) tensor_lines(value);
+    }
+    dicts_.push_back({dict, size, first, lines_.size(), kind, module,
+                      module ? Py_TYPE(module) : nullptr});
+  }
+
+  // What state() reads: the Python object, the TensorImpl, its version counter (a
+  // VariableVersion is one pointer to it) and its autograd meta (requires_grad).
+  void tensor_lines(PyObject* value) {
+    static_assert(sizeof(c10::VariableVersion) == sizeof(void*));
+    const c10::TensorImpl* impl = THPVariable_Unpack(value).unsafeGetTensorImpl();
+    lines_.push_back(value);
+    for (size_t offset = 0; offset < sizeof(c10::TensorImpl); offset += 64)
+      lines_.push_back(reinterpret_cast<const char*>(impl) + offset);
+    lines_.push_back(*reinterpret_cast<void* const*>(&impl->version_counter()));
+    lines_.push_back(impl->autograd_meta());
+  }
+
+  std::vector<const void*> lines_;  // what the tests read, dict by dict
+  std::vector<Dict> dicts_;
+  std::vector<Entry> entries_;
 };
-
-// Whether any of `modules` has a forward or forward-pre hook of its own.
-bool any_forward_hooks(const pybind11::sequence& modules) {
-  static PyObject* const names[] = {PyUnicode_InternFromString("_forward_hooks"),
-                                    PyUnicode_InternFromString("_forward_pre_hooks")};
-  for (const pybind11::handle m : modules) {
-    const auto attrs = pybind11::reinterpret_steal<pybind11::object>(
-        PyObject_GenericGetDict(m.ptr(), nullptr));
-    if (!attrs) throw pybind11::error_already_set();
-    for (PyObject* name : names) {
-      PyObject* hooks = PyDict_GetItemWithError(attrs.ptr(), name);  // borrowed
-      if (!hooks && PyErr_Occurred()) throw pybind11::error_already_set();
-      if (hooks && PyObject_IsTrue(hooks)) return true;
-    }
-  }
-  return false;
-}
 
 }  // namespace inception_cpu
 
@@ -159,16 +231,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("profile", &inception_cpu::Program::profile,
            "One forward of x: the milliseconds each op took, in order",
            pybind11::arg("x"), pybind11::call_guard<pybind11::gil_scoped_release>());
-  pybind11::class_<inception_cpu::TensorWatch>(
-      m, "TensorWatch", pybind11::module_local(),
-      "The tensors some modules' _parameters / _buffers dicts hold, and their versions")
-      .def(pybind11::init<const pybind11::sequence&>(), pybind11::arg("dicts"))
-      .def("unchanged", &inception_cpu::TensorWatch::unchanged,
-           "Whether `dicts` hold the same tensor objects at the same versions",
-           pybind11::arg("dicts"));
-  m.def("any_forward_hooks", &inception_cpu::any_forward_hooks,
-        "Whether any of the modules has a forward or forward-pre hook of its own",
-        pybind11::arg("modules"));
+  using inception_cpu::ModuleWatch;
+  pybind11::class_<ModuleWatch> watch(
+      m, "ModuleWatch", pybind11::module_local(),
+      "Some modules' classes, attributes, tensors (identity, version, requires_grad), "
+      "submodules and forward hooks as they are when made");
+  watch
+      .def(pybind11::init<const pybind11::sequence&, pybind11::list>(),
+           pybind11::arg("modules"), pybind11::arg("held"))
+      .def("changes", &ModuleWatch::changes,
+           "What changed since: a bitmask of TENSORS, ATTRIBUTES and HOOKS (0: nothing)");
+  watch.attr("TENSORS") = int(ModuleWatch::kTensors);
+  watch.attr("ATTRIBUTES") = int(ModuleWatch::kAttributes);
+  watch.attr("HOOKS") = int(ModuleWatch::kHooks);
   m.def("cpu_runs", &inception_cpu::cpu_runs,
         "Whether this CPU runs the 'avx2' or 'avx512' build", pybind11::arg("isa"));
   m.def("vector_bits", [] { return 8 * inception_cpu::kVectorBytes; },

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib
 import weakref
+from collections.abc import Callable, Iterable
 from types import ModuleType
 
 import torch
+from torch.nn.modules import module as nn_module
 
-from .fold_cache import epoch, tensor_dicts, tensor_versions
+from .fold_cache import capturing, epoch, refold, tensor_versions
 from .folding import FoldedInception
 
 CPU_DTYPES = (torch.float32, torch.float64)
@@ -118,34 +120,57 @@ def loaded_build() -> str:
 
 
 class Confirmed:
-    """What a cached C++ program's next calls test for staleness once a full test passed:
-    the same key, nothing in :func:`fold_cache.epoch` moved (module registrations,
-    optimizer steps, a fold cache cleared anywhere), and the same tensor objects at the
-    same versions in every parameter and buffer dict of ``modules``: one C++ pass
-    (``_C.TensorWatch``). A forward evicts every cache level, and Python then waits on
-    each cold object in turn: GoogLeNet's nine fold caches took 0.27 ms after a cache
-    flush, this pass 0.08 ms."""
+    """A network's last full test (which program runs an input under a key, or None) and
+    what that test read, so that the next calls with the same key test only for change:
+    nothing in :func:`fold_cache.epoch` moved (module registrations, optimizer steps, a
+    fold cache cleared anywhere), no global forward hook is set, and one C++ pass
+    (``_C.ModuleWatch``) finds every module's class, attributes, tensors (identity,
+    version, requires_grad), submodules and forward hooks as they were. The forward
+    evicts every cache level and Python then waits on each cold object in turn:
+    GoogLeNet's full test took 0.3 ms after a cache flush.
 
-    def __init__(self, key: object, modules: tuple[torch.nn.Module, ...]) -> None:
-        self.key, self.epoch = key, epoch()
-        self.dicts = tensor_dicts(modules)
-        self.watch = load_extension().TensorWatch(self.dicts)
+    Attributes matter as much as tensors: a program reads a BatchNorm's ``eps`` and every
+    conv's geometry, which no tensor version counts; when one changed, the owner's folds
+    are dropped (:func:`fold_cache.refold`) before the full test runs again. One per
+    network, kept in its ``__dict__`` (the watch sees that dict too: replacing the
+    holder would look like a change)."""
 
-    def current(self, key: object) -> bool:
-        return key == self.key and epoch() == self.epoch and self.watch.unchanged(self.dicts)
+    def __init__(self) -> None:
+        self.key: object = None  # None: nothing confirmed
+        self.program: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def program_for(
+        self,
+        key: object,
+        owner: torch.nn.Module,
+        test: Callable[[], Callable[[torch.Tensor], torch.Tensor] | None],
+    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The program for ``key``: the confirmed one while nothing changed, else
+        ``test()``'s answer (``owner``'s folds dropped first if an attribute changed),
+        confirmed unless a CUDA graph is being captured (a program built then holds
+        nothing until the graph's first replay)."""
+        if self.key is not None:
+            changes = self.watch.changes()
+            if not changes and key == self.key and epoch() == self.epoch and not _global_hooks():
+                return self.program
+            if changes & self.watch.ATTRIBUTES:
+                refold(owner)
+        self.key = None
+        program = test()
+        if not capturing():
+            self.held: list[object] = []  # what the watch compares by address
+            self.watch = load_extension().ModuleWatch(tuple(owner.modules()), self.held)
+            self.key, self.program, self.epoch = key, program, epoch()
+        return program
 
 
-def has_forward_hooks(modules: tuple[torch.nn.Module, ...]) -> bool:
-    """Whether a global forward (pre-)hook is set or one of ``modules`` has its own, the
-    walk in C++ for the reason :class:`Confirmed` gives (224 modules: 0.17 ms in Python
-    after a cache flush, 0.10 ms here)."""
-    from torch.nn.modules import module as module_globals
+def _global_hooks() -> bool:
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
 
-    return bool(
-        module_globals._global_forward_hooks
-        or module_globals._global_forward_pre_hooks
-        or load_extension().any_forward_hooks(modules)
-    )
+
+def has_forward_hooks(modules: Iterable[torch.nn.Module]) -> bool:
+    """Whether a global forward (pre-)hook is set or one of ``modules`` has its own."""
+    return _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 # The output tile side m of the Winograd F(m x m, 3x3) every 3x3 stride-1 conv runs (the

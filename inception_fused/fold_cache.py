@@ -135,7 +135,8 @@ def tensor_versions(tensors: Sequence[torch.Tensor | None]) -> list[int]:
         return [-1 if t is None or t.is_inference() else t._version for t in tensors]
 
 
-def _capturing() -> bool:
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream."""
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
@@ -186,7 +187,7 @@ class FoldCache(Generic[T]):
             or extra_key != self._key
             or (self._event != _event_count and self._stepped())
         ):
-            if _capturing():
+            if capturing():
                 # A value built now lives in the graph's memory, unset until its first
                 # replay: the graph refolds on every replay and the cache stays stale.
                 return build()

@@ -31,7 +31,7 @@ from torch import nn
 from .cpu import CPU_DTYPES, Confirmed, has_forward_hooks, load_extension
 from .fold_cache import FoldCache, module_tensors
 from .kernels.launch import interpreting
-from .network import TRANSFORM_AFFINE, _has_hooks
+from .network import TRANSFORM_AFFINE
 from .program import (
     BlockGraph,
     HeadOp,
@@ -168,8 +168,9 @@ class FusedLayer(nn.Module):
         backend="triton"), or None: the layer's own forward."""
         backend = self.__dict__.get("_fused_backend")
         if x.is_cuda:
-            return "triton" if backend in (None, "triton") else None
-        if x.device.type != "cpu" or x.dtype not in CPU_DTYPES:
+            ok = backend in (None, "triton") and not torch.is_autocast_enabled("cuda")
+            return "triton" if ok else None
+        if not x.is_cpu or x.dtype not in CPU_DTYPES or torch.is_autocast_enabled("cpu"):
             return None
         if backend == "triton":
             return "triton" if interpreting() else None
@@ -182,34 +183,32 @@ class FusedLayer(nn.Module):
             self.training
             or x.dim() != 4
             or not x.is_floating_point()
-            or torch.compiler.is_compiling()
-            or torch.jit.is_tracing()
+            or torch.compiler.is_compiling()  # torch.compile, torch.export, ONNX export
+            or torch.jit.is_tracing()  # and the TorchScript ONNX exporter
             or torch.jit.is_scripting()
-            or torch.onnx.is_in_onnx_export()
-            or torch.is_autocast_enabled(x.device.type)
+            or (x.requires_grad and torch.is_grad_enabled())
             or (backend := self._backend(x)) is None
         ):
             return None
-        # A C++ program confirmed under this key (cpu.Confirmed) skips the tests below.
-        key = (x.dtype, x.device, backend, x.shape[1], self.__dict__.get("transform_input"))
-        confirmed, hooked, run = self.__dict__.get("_program_confirmed", (None, (), None))
-        if (
-            confirmed is not None
-            and not torch.is_grad_enabled()
-            and confirmed.current(key)
-            and not has_forward_hooks(hooked)
-        ):
-            return run
+        key = (x.dtype, x.get_device(), x.shape[1], backend, torch.is_grad_enabled())
+        confirmed = self.__dict__.get("_program_confirmed")
+        if confirmed is None:
+            confirmed = self.__dict__["_program_confirmed"] = Confirmed()
+        return confirmed.program_for(key, self, lambda: self._runnable_program(x, backend))
+
+    def _runnable_program(self, x: torch.Tensor, backend: str):
+        """The full test (cpu.Confirmed skips it while nothing changed): the program for
+        ``x`` if every layer is one it runs, with no hooks and no parameter that needs a
+        gradient now; else None."""
         layers, c_in, affine = self._layers()
         modules = tuple(mm for m in layers for mm in m.modules())
-        hooked = tuple(m for m in modules if m is not self)
         params = [p for m in layers for p in m.parameters()]
         if (
             x.shape[1] != c_in
             or not params
             or any(p.dtype != x.dtype or p.device != x.device for p in params)
-            or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)))
-            or _has_hooks(hooked)
+            or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+            or has_forward_hooks(m for m in modules if m is not self)
         ):
             return None
         cache = self.__dict__.get("_program_cache")
@@ -230,10 +229,8 @@ class FusedLayer(nn.Module):
 
         # Every tensor of every layer's modules: a Mixed block's convs and BNs hold theirs
         # in submodules (watching the layers' own, only the FC's were seen).
-        run = cache.get(module_tensors(modules), build, (*key[:4], affine is not None))
-        if run is not None and backend == "cpu":
-            self.__dict__["_program_confirmed"] = (Confirmed(key, modules), hooked, run)
-        return run
+        key = (x.dtype, x.device, backend, x.shape[1], affine is not None)
+        return cache.get(module_tensors(modules), build, key)
 
     def train(self, mode: bool = True):
         cache = self.__dict__.get("_program_cache")
@@ -290,10 +287,10 @@ class _FusedInception3(FusedLayer):
         layers = [getattr(self, n) for n in names]
         return layers, 3, TRANSFORM_AFFINE if self.transform_input else None
 
-    def _program(self, x: torch.Tensor):
+    def _runnable_program(self, x: torch.Tensor, backend: str):
         if type(self.dropout) is not nn.Dropout:
             return None
-        return super()._program(x)
+        return super()._runnable_program(x, backend)
 
 
 _FUSED_CLASSES: dict[type, type] = {}

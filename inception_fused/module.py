@@ -124,14 +124,20 @@ class FusedInceptionModule(InceptionModule):
         Stale means (fold_cache.FoldCache): a parameter or buffer was replaced or written
         in place (``_version``: in-place edits, ``load_state_dict``, train-mode forwards
         through ``num_batches_tracked``), an optimizer stepped over one (fused and foreach
-        ones too), the module switched train/eval mode or was moved (``.to()``), or
+        ones too), a BN's ``eps`` changed, the module switched train/eval mode or was
+        moved (``.to()``), or
         ``inception_fused.refold(model)`` was called. Edits that bypass all of these
         (``p.data.copy_(...)`` in eval mode) need that call.
         """
-        tensors = dict_tensors(self._layout().tensor_dicts)
-        return self._fold_cache.get(
-            tensors, functools.partial(self._fold, dtype), dtype
-        )
+        layout = self._layout()
+        return self._cached_fold(layout, dict_tensors(layout.tensor_dicts), dtype)
+
+    def _cached_fold(
+        self, layout: _Layout, tensors: list[torch.Tensor], dtype: torch.dtype
+    ) -> FoldedInception:
+        # BN eps is folded in too, and no version counts its edits.
+        key = (dtype, *(bn.eps for bn in layout.bns))
+        return self._fold_cache.get(tensors, functools.partial(self._fold, dtype), key)
 
     def _fold(self, dtype: torch.dtype) -> FoldedInception:
         with torch.no_grad():
@@ -208,8 +214,7 @@ class FusedInceptionModule(InceptionModule):
         if tracing:  # fold inside the graph (Inductor's freezing makes it constants)
             f = fold_inception(self, compute_dtype)
         else:
-            build = functools.partial(self._fold, compute_dtype)
-            f = self._fold_cache.get(tensors, build, compute_dtype)
+            f = self._cached_fold(layout, tensors, compute_dtype)
         out = eval_forward(
             x if x.dtype == compute_dtype else x.to(compute_dtype), f, backend
         )

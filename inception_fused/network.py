@@ -134,14 +134,6 @@ def blocks_folded(model: GoogLeNet, dtype: torch.dtype) -> tuple[FoldedInception
     return tuple(getattr(model, name).folded(dtype) for name, _ in BLOCKS)
 
 
-def _has_hooks(modules: tuple[nn.Module, ...]) -> bool:
-    from torch.nn.modules import module as module_globals
-
-    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
-
-
 @dataclass
 class NetworkPlan:
     """The C++ plan plus what it was built from (kept alive: the plan points into it)."""
@@ -149,11 +141,6 @@ class NetworkPlan:
     cpp: object  # inception_fused._C.Program
     dtype: torch.dtype
     folds: tuple[FoldedInception, ...]
-    modules: tuple[nn.Module, ...]  # whose hooks would be skipped
-    confirmed: Confirmed | None = None  # FusedGoogLeNet._plan's shortcut
-
-    def has_hooks(self) -> bool:
-        return has_forward_hooks(self.modules)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.cpp.forward(x)
@@ -173,11 +160,7 @@ class TritonPlan:
     stem: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # conv1..3: packed w, bias
     folds: tuple[FoldedInception, ...]
     fc: tuple[torch.Tensor, torch.Tensor]  # weight [classes, C], bias
-    modules: tuple[nn.Module, ...]
     workspaces: dict[tuple, Workspace] = field(default_factory=dict)  # oldest first
-
-    def has_hooks(self) -> bool:
-        return _has_hooks(self.modules)
 
     def workspace(self, x: torch.Tensor) -> Workspace:
         """The maps of a forward on inputs like ``x``. A stream has its own: two
@@ -226,7 +209,7 @@ def build_triton_plan(
             model.fc.weight.detach().to(dtype),
             model.fc.bias.detach().to(acc).contiguous(),
         )
-    return TritonPlan(dtype, transform, stem, folds, fc, tuple(model.modules()))
+    return TritonPlan(dtype, transform, stem, folds, fc)
 
 
 # GoogLeNet's Inception block as the program's block graph (reference.InceptionModule's
@@ -261,7 +244,7 @@ def build_plan(
     builder.head(model.fc)
     tensors, ints = builder.finish().encode(dtype)
     cpp = load_extension().Program(tensors, ints)
-    return NetworkPlan(cpp, dtype, folds, tuple(model.modules()))
+    return NetworkPlan(cpp, dtype, folds)
 
 
 class FusedGoogLeNet(GoogLeNet):
@@ -278,69 +261,68 @@ class FusedGoogLeNet(GoogLeNet):
         if self.training:
             self._network_plan = None  # train-mode forwards update BN statistics
         elif (backend := self._plan_backend(x)) is not None:
-            plan = self._plan(x.dtype, backend)
-            if not plan.has_hooks():  # hooks expect their modules to run
+            key = (x.dtype, x.get_device(), x.shape[1], backend, torch.is_grad_enabled())
+            confirmed = self.__dict__.get("_confirmed")
+            if confirmed is None:
+                confirmed = self.__dict__["_confirmed"] = Confirmed()
+            plan = confirmed.program_for(key, self, lambda: self._runnable_plan(x, backend))
+            if plan is not None:
                 return plan(x)
         return super().forward(x)
 
     def _plan_backend(self, x: torch.Tensor) -> str | None:
-        """The backend whose plan runs ``x``: "cpu", "triton", or None (torchvision's
-        forward)."""
+        """The backend whose plan would run ``x`` as far as ``x`` and torch's modes tell:
+        "cpu", "triton", or None (torchvision's forward)."""
         if (
-            torch.compiler.is_compiling()
-            or torch.jit.is_tracing()
+            torch.compiler.is_compiling()  # torch.compile, torch.export, ONNX export
+            or torch.jit.is_tracing()  # and the TorchScript ONNX exporter
             or torch.jit.is_scripting()
-            or torch.onnx.is_in_onnx_export()
             or not isinstance(x, torch.Tensor)
             or not x.is_floating_point()
             or x.dim() != 4
-            or x.shape[1] != self.conv1.conv.in_channels
-            or x.dtype != self.conv1.conv.weight.dtype
-            or x.device != self.conv1.conv.weight.device
-            or torch.is_autocast_enabled(x.device.type)
+            or (x.requires_grad and torch.is_grad_enabled())
             or not _large_enough(x.shape[2], x.shape[3])
         ):
             return None
         if x.is_cuda:
-            backend = "triton"
-        elif x.device.type != "cpu" or x.dtype not in CPU_DTYPES:
+            return None if torch.is_autocast_enabled("cuda") else "triton"
+        if not x.is_cpu or x.dtype not in CPU_DTYPES or torch.is_autocast_enabled("cpu"):
             return None
-        else:
-            blocks = (getattr(self, name, None) for name, _ in BLOCKS)
-            interpreted = interpreting() and all(
-                getattr(b, "backend", None) == "triton" for b in blocks
-            )
-            backend = "triton" if interpreted else "cpu"
-        if torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        blocks = (getattr(self, name, None) for name, _ in BLOCKS)
+        interpreted = interpreting() and all(getattr(b, "backend", None) == "triton" for b in blocks)
+        return "triton" if interpreted else "cpu"
+
+    def _runnable_plan(self, x: torch.Tensor, backend: str) -> NetworkPlan | TritonPlan | None:
+        """The full test (cpu.Confirmed skips it while nothing changed): the plan for
+        ``x`` if the model is one it runs (plan_applies), with no hooks and no parameter
+        that needs a gradient now; else None."""
+        weight = self.conv1.conv.weight
+        if (
+            x.shape[1] != self.conv1.conv.in_channels
+            or x.dtype != weight.dtype
+            or x.device != weight.device
+            or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+            or not plan_applies(self, backend)
         ):
-            return None  # autograd needs the per-layer graph
-        return backend if plan_applies(self, backend) else None
+            return None
+        plan = self._plan(x.dtype, backend)
+        return None if has_forward_hooks(self.modules()) else plan  # hooks expect their modules to run
 
     def _plan(self, dtype: torch.dtype, backend: str) -> NetworkPlan | TritonPlan:
         """The cached plan, rebuilt as a block's fold would be (fold_cache.FoldCache:
         replaced or written tensors, optimizer steps, train-mode forwards through
-        ``num_batches_tracked``) or when a block refolded. A C++ plan confirmed current
-        (cpu.Confirmed) skips the fold caches' Python checks."""
-        plan = self._network_plan
-        key = (dtype, backend, self.transform_input)
-        if isinstance(plan, NetworkPlan) and plan.confirmed and plan.confirmed.current(key):
-            return plan
+        ``num_batches_tracked``) or when a block refolded."""
         folds = blocks_folded(self, dtype)
         cache = self.__dict__.get("_plan_cache")
         if cache is None or self._network_plan is None:
             cache = self.__dict__["_plan_cache"] = FoldCache()
         build = build_triton_plan if backend == "triton" else build_plan
         # The plan holds the folds, so their ids stay unique while it is cached.
-        key = (*key, tuple(map(id, folds)))
-        plan = self._network_plan = cache.get(
-            module_tensors(stem_modules(self)),
-            lambda: build(self, dtype, folds),
-            key,
+        key = (dtype, backend, self.transform_input, tuple(map(id, folds)))
+        self._network_plan = cache.get(
+            module_tensors(stem_modules(self)), lambda: build(self, dtype, folds), key
         )
-        if isinstance(plan, NetworkPlan):
-            plan.confirmed = Confirmed(key[:-1], plan.modules)
-        return plan
+        return self._network_plan
 
     def train(self, mode: bool = True) -> FusedGoogLeNet:
         self._network_plan = None
@@ -355,12 +337,14 @@ class FusedGoogLeNet(GoogLeNet):
         replica = super()._replicate_for_data_parallel()
         replica._network_plan = None
         replica.__dict__.pop("_plan_cache", None)
+        replica.__dict__.pop("_confirmed", None)
         return replica
 
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())
         state.pop("_network_plan", None)  # never pickle derived weights
         state.pop("_plan_cache", None)
+        state.pop("_confirmed", None)
         return state
 
 

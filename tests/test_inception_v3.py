@@ -258,6 +258,37 @@ def test_edits_and_train_mode_updates_are_seen():
         assert_close(fused(x), model(x), torch.float32)
 
 
+def test_attribute_edits_are_seen():
+    """No version counts an attribute: a BN's eps (inside a block, in the stem) and a
+    conv's geometry (the stem's stride: every later map changes size) each rebuild the
+    program, and the model is freed once dropped (the watch's cycle is collectable)."""
+    import gc
+    import weakref
+
+    model = torchvision_model()
+    fused = fuse_inception_v3(copy.deepcopy(model))
+    x = torch.randn(1, 3, 75, 75)
+    edits = [
+        ("Mixed_6c.branch7x7_2.bn", "eps", 2.0),
+        ("Conv2d_2a_3x3.bn", "eps", 2.0),
+        ("Conv2d_1a_3x3.conv", "stride", (1, 1)),
+    ]
+    with torch.no_grad():
+        fused(x)
+        for path, name, value in edits:
+            before = model(x)
+            for m in (model, fused):
+                setattr(m.get_submodule(path), name, value)
+            after = model(x)
+            assert not torch.allclose(before, after, atol=1e-2), f"{name} changed nothing"
+            with no_eager_convs():
+                assert_close(fused(x), after, torch.float32)
+    gone = weakref.ref(fused)
+    del fused, m
+    gc.collect()
+    assert gone() is None
+
+
 def test_state_dict_unfuse_and_pickle():
     model = torchvision_model()
     keys = list(model.state_dict())

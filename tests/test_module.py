@@ -62,6 +62,7 @@ def test_from_module_copies_unless_asked_to_share():
         "running_var",
         "load_state_dict",
         "replaced_parameter",
+        "bn_eps",
         "to_double",
     ],
 )
@@ -84,6 +85,9 @@ def test_fold_cache_invalidation(edit):
             new = torch.randn_like(ref.branch4[1].bn.weight)
             ref.branch4[1].bn.weight.copy_(new)
             fused.branch4[1].bn.weight = torch.nn.Parameter(new.clone())
+        elif edit == "bn_eps":  # folded in, and no version counts it
+            for m in (fused, ref):
+                m.branch2[0].bn.eps = 3.0
         elif edit == "to_double":
             fused.double()
             ref.double()

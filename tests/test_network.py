@@ -9,6 +9,7 @@ cases that must take torchvision's own forward instead.
 import copy
 import io
 import pickle
+from unittest import mock
 
 import pytest
 import torch
@@ -40,6 +41,10 @@ def fused_pair(**kwargs):
 def close(actual, expected):
     atol, rtol = TOLERANCE[expected.dtype]
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+def eager_conv_ran(*args, **kwargs):
+    raise AssertionError("an eager Conv2d ran: torchvision's forward, not the plan")
 
 
 def run_plan(fused, x):
@@ -161,6 +166,68 @@ def test_confirmed_plan_skips_the_fold_caches(monkeypatch):
         assert asked == [1]
         fused(x)
         assert asked == [1]
+
+
+def test_plan_sees_attribute_edits():
+    """A BN's eps is folded into the plan and no version counts its edits: the watch
+    sees the attribute, the folds are dropped (a stem BN's and a block's alike)."""
+    fused, ref = fused_pair()
+    x = torch.randn(1, 3, 64, 64)
+    run_plan(fused, x)
+    with torch.no_grad():
+        for path in ("conv2.bn", "inception4b.branch3.1.bn"):
+            before = ref(x)
+            for model in (fused, ref):
+                model.get_submodule(path).eps = 4.0
+            after = ref(x)
+            assert not torch.allclose(before, after, atol=1e-2), "eps changed nothing"
+            close(fused(x), after)
+
+
+def test_plan_verdicts_follow_hooks_and_requires_grad():
+    """The confirmed verdict is "torchvision's forward" while a hook is set (no refold
+    per call), the plan again once it is removed; with gradients enabled the plan runs
+    only while no parameter requires one, and a flipped flag is seen."""
+    from inception_fused import network
+
+    fused, ref = fused_pair()
+    x = torch.randn(1, 3, 64, 64)
+    run_plan(fused, x)
+    builds = []
+    build = network.build_plan
+    seen = []
+    handle = fused.conv1.register_forward_hook(lambda *_: seen.append(1))
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(network, "build_plan", lambda *a: builds.append(1) or build(*a))
+        for _ in range(3):
+            close(fused(x), ref(x))
+        assert seen == [1, 1, 1] and builds == []
+        handle.remove()
+        close(fused(x), ref(x))
+        assert seen == [1, 1, 1] and builds == []
+    for model in (fused, ref):
+        model.requires_grad_(False)
+    expected = ref(x)
+    with mock.patch.object(torch.nn.Conv2d, "forward", eager_conv_ran):
+        close(fused(x), expected)  # gradients enabled, none required: the plan
+    fused.inception5a.branch1.conv.weight.requires_grad_(True)
+    out = fused(x)  # torchvision's forward: autograd needs the per-layer graph
+    assert out.requires_grad
+    close(out.detach(), ref(x))
+
+
+def test_fused_model_is_freed():
+    """The watch's owner sits in the model's __dict__ and the objects it compares refer
+    back to the model: the garbage collector must see that cycle."""
+    import gc
+    import weakref
+
+    fused, _ = fused_pair()
+    run_plan(fused, torch.randn(1, 3, 64, 64))
+    gone = weakref.ref(fused)
+    del fused
+    gc.collect()
+    assert gone() is None
 
 
 def test_plan_sees_tensors_replaced_in_the_dicts():
