@@ -342,6 +342,25 @@ def test_confirmed_program_skips_the_full_test(monkeypatch):
     assert walks == [1, 1]
 
 
+@pytest.mark.parametrize("make", [torchvision_model, fid_model], ids=["torchvision", "pytorch-fid"])
+def test_repeated_calls_build_once(make, monkeypatch):
+    """Nothing a wrapper's forward does between calls looks like a change to the watch
+    (an attribute written per call would refold every call)."""
+    from inception_fused import inception_v3
+
+    builds = []
+    build = inception_v3._layers_program
+    monkeypatch.setattr(inception_v3, "_layers_program", lambda *a: builds.append(1) or build(*a))
+    model = fuse_inception_v3(make())
+    x = torch.rand(1, 3, 75, 75)
+    with torch.no_grad():
+        model(x)
+        first = len(builds)
+        for _ in range(3):
+            model(x)
+    assert first > 0 and len(builds) == first
+
+
 def test_hooks_added_after_the_program_ran_are_called():
     model = fuse_inception_v3(torchvision_model())
     x = torch.randn(1, 3, 75, 75)
