@@ -303,10 +303,10 @@ class FusedGoogLeNet(GoogLeNet):
             or x.device != weight.device
             or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
             or not plan_applies(self, backend)
+            or has_forward_hooks(self.modules())  # hooks expect their modules to run
         ):
             return None
-        plan = self._plan(x.dtype, backend)
-        return None if has_forward_hooks(self.modules()) else plan  # hooks expect their modules to run
+        return self._plan(x.dtype, backend)
 
     def _plan(self, dtype: torch.dtype, backend: str) -> NetworkPlan | TritonPlan:
         """The cached plan, rebuilt as a block's fold would be (fold_cache.FoldCache:
