@@ -164,6 +164,22 @@ class Confirmed:
         return program
 
 
+def confirmed_program(
+    owner: torch.nn.Module,
+    x: torch.Tensor,
+    backend: str,
+    test: Callable[[], Callable[[torch.Tensor], torch.Tensor] | None],
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``owner``'s program for ``x`` on ``backend`` through its :class:`Confirmed` (kept
+    in ``owner.__dict__["_confirmed"]``), keyed by what of ``x`` and torch's modes a
+    full test reads: dtype, device, channels, grad mode."""
+    confirmed = owner.__dict__.get("_confirmed")
+    if confirmed is None:
+        confirmed = owner.__dict__["_confirmed"] = Confirmed()
+    key = (x.dtype, x.get_device(), x.shape[1], backend, torch.is_grad_enabled())
+    return confirmed.program_for(key, owner, test)
+
+
 def _global_hooks() -> bool:
     return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
 

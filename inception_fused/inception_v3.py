@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cpu import CPU_DTYPES, Confirmed, has_forward_hooks, load_extension
+from .cpu import CPU_DTYPES, confirmed_program, has_forward_hooks, load_extension
 from .fold_cache import FoldCache, module_tensors
 from .kernels.launch import interpreting
 from .network import TRANSFORM_AFFINE
@@ -190,11 +190,7 @@ class FusedLayer(nn.Module):
             or (backend := self._backend(x)) is None
         ):
             return None
-        key = (x.dtype, x.get_device(), x.shape[1], backend, torch.is_grad_enabled())
-        confirmed = self.__dict__.get("_program_confirmed")
-        if confirmed is None:
-            confirmed = self.__dict__["_program_confirmed"] = Confirmed()
-        return confirmed.program_for(key, self, lambda: self._runnable_program(x, backend))
+        return confirmed_program(self, x, backend, lambda: self._runnable_program(x, backend))
 
     def _runnable_program(self, x: torch.Tensor, backend: str):
         """The full test (cpu.Confirmed skips it while nothing changed): the program for
@@ -247,13 +243,13 @@ class FusedLayer(nn.Module):
     def _replicate_for_data_parallel(self):
         replica = super()._replicate_for_data_parallel()
         replica.__dict__.pop("_program_cache", None)
-        replica.__dict__.pop("_program_confirmed", None)
+        replica.__dict__.pop("_confirmed", None)
         return replica
 
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())
         state.pop("_program_cache", None)
-        state.pop("_program_confirmed", None)
+        state.pop("_confirmed", None)
         return state
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torchvision.models.googlenet import BasicConv2d, GoogLeNet
 
-from .cpu import CPU_DTYPES, Confirmed, has_forward_hooks, load_extension
+from .cpu import CPU_DTYPES, confirmed_program, has_forward_hooks, load_extension
 from .eval_launch import inception_eval_forward
 from .fold_cache import FoldCache, module_tensors
 from .folding import FoldedInception, accumulator_dtype, fold_conv_block
@@ -261,11 +261,7 @@ class FusedGoogLeNet(GoogLeNet):
         if self.training:
             self._network_plan = None  # train-mode forwards update BN statistics
         elif (backend := self._plan_backend(x)) is not None:
-            key = (x.dtype, x.get_device(), x.shape[1], backend, torch.is_grad_enabled())
-            confirmed = self.__dict__.get("_confirmed")
-            if confirmed is None:
-                confirmed = self.__dict__["_confirmed"] = Confirmed()
-            plan = confirmed.program_for(key, self, lambda: self._runnable_plan(x, backend))
+            plan = confirmed_program(self, x, backend, lambda: self._runnable_plan(x, backend))
             if plan is not None:
                 return plan(x)
         return super().forward(x)
